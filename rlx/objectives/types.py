@@ -1,0 +1,161 @@
+"""Named pytrees shared by every objective piece.
+
+Shapes: B batch rows (B = P * G, row ``b = p * G + g``), P prompts, G group size,
+T completion tokens, K reward components.
+
+An :class:`Objective` is what the training engine consumes:
+
+* ``advantages(rb: RewardBatch) -> AdvantageOutput`` turns rewards into per-token
+  advantages (and returns, and the loss mask after sample selection). It is
+  stateless; the engine calls it once per rollout batch, outside the gradient.
+* ``init() -> state`` builds the objective state (a pytree carried in the train state:
+  adaptive KL coefficient, R²VPO's dual variable, ...).
+* ``loss(outputs: TokenOutputs, batch: PolicyBatch, state, *, axis_name=None)
+  -> LossOutput`` is the differentiable part, called on every (micro-)batch.
+* ``update(state, metrics) -> state`` is called once per optimizer step with the
+  metrics returned by ``loss`` (for dual ascent, adaptive KL, ...).
+
+How the engine combines ``LossOutput`` over micro-batches and devices: every
+aggregation returns a ``(numerator, denominator)`` pair whose numerators and
+denominators are plain sums over rows, so the full-batch loss is exactly
+``sum(numerator) / sum(denominator)`` (sums over micro-batches and devices). The
+denominator never depends on the parameters, so the exact full-batch gradient is
+``sum_mb grad(numerator_mb) / sum_mb denominator_mb``. ``LossOutput.loss`` is
+``numerator / max(denominator, 1)`` of the batch the call saw (after a ``psum`` over
+``axis_name`` when one is given), i.e. the full loss when the call sees the full batch.
+A batch with no valid token has numerator = denominator = 0 and therefore loss 0 and
+zero gradient (documented masking, never NaN).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+from flax import struct
+
+Array = jax.Array
+PyTree = Any
+
+
+@struct.dataclass
+class TokenOutputs:
+    """What one forward pass of the policy (and critic) gives.
+
+    logp: [B,T] log-prob of the sampled tokens under the current parameters.
+    entropy: [B,T] full-vocabulary entropy of the current policy, or None.
+    values: [B,T] critic values, or None.
+    """
+
+    logp: Array
+    entropy: Array | None = None
+    values: Array | None = None
+
+
+@struct.dataclass
+class PolicyBatch:
+    """Per-token arrays fixed during the optimisation of one rollout batch.
+
+    mask: [B,T] 1 for completion tokens that enter the loss (bool or float).
+    old_logp: [B,T] log-probs under the behaviour (trainer-side old) policy.
+    advantages: [B,T] per-token advantages.
+    ref_logp: [B,T] reference-policy log-probs (KL terms), or None.
+    sampler_logp: [B,T] log-probs reported by the inference engine (truncated IS), or None.
+    old_values: [B,T] critic values at rollout time (clipped value loss), or None.
+    returns: [B,T] value targets, or None.
+    group_ids: [B] prompt index of each row, or None.
+    """
+
+    mask: Array
+    old_logp: Array
+    advantages: Array
+    ref_logp: Array | None = None
+    sampler_logp: Array | None = None
+    old_values: Array | None = None
+    returns: Array | None = None
+    group_ids: Array | None = None
+
+
+@struct.dataclass
+class RewardBatch:
+    """Input of an advantage estimator.
+
+    rewards: [P,G] scalar outcome rewards, or [P,G,K] reward components (GDPO).
+    mask: [B,T] completion mask, B = P * G, row ``p * G + g``.
+    lengths: [B] completion lengths in tokens, or None (then ``mask.sum(-1)``).
+    values: [B,T] critic values at rollout time (GAE), or None.
+    kl: [B,T] per-token KL penalty for the reward path (see
+        ``rlx.objectives.kl.kl_reward_penalty``), or None.
+    """
+
+    rewards: Array
+    mask: Array
+    lengths: Array | None = None
+    values: Array | None = None
+    kl: Array | None = None
+
+
+@struct.dataclass
+class AdvantageOutput:
+    """Output of an advantage estimator.
+
+    advantages: [B,T] per-token advantages (0 on masked tokens).
+    mask: [B,T] loss mask after sample selection (e.g. DAPO's zero-variance filter);
+        the engine must put this mask, not the rollout mask, into ``PolicyBatch``.
+    returns: [B,T] value targets (GAE), or None.
+    metrics: dict of scalars.
+    """
+
+    advantages: Array
+    mask: Array
+    returns: Array | None = None
+    metrics: dict = struct.field(default_factory=dict)
+
+
+@struct.dataclass
+class LossOutput:
+    """loss = numerator / max(denominator, 1); see the module docstring."""
+
+    loss: Array
+    numerator: Array
+    denominator: Array
+    metrics: dict
+
+
+@struct.dataclass
+class SurrogateInfo:
+    """Per-token diagnostics of a surrogate (None where not meaningful).
+
+    clipped_low / clipped_high: [B,T] float indicators of tokens where the lower /
+    upper clip is active in the surrogate (for PPO: the gradient is zero there).
+    scalars: dict of scalar diagnostics (e.g. BAPO's chosen bounds).
+    """
+
+    clipped_low: Array | None = None
+    clipped_high: Array | None = None
+    scalars: dict = struct.field(default_factory=dict)
+
+
+class Regularizer(NamedTuple):
+    """A loss term with optional state (adaptive KL, R²VPO dual variable).
+
+    apply(outputs, batch, state, *, axis_name) -> (token_loss [B,T] | None,
+        scalar_loss | None, metrics dict). ``token_loss`` is aggregated with the
+        objective's aggregation; ``scalar_loss`` is a batch-global scalar added to
+        the loss (folded into the numerator as ``denominator * scalar``).
+    update(state, metrics) -> state, called once per optimizer step.
+    """
+
+    name: str
+    init: Callable[[], PyTree]
+    apply: Callable[..., tuple]
+    update: Callable[[PyTree, dict], PyTree]
+
+
+class Objective(NamedTuple):
+    """A complete RL objective; see the module docstring for the protocol."""
+
+    init: Callable[[], PyTree]
+    loss: Callable[..., LossOutput]
+    update: Callable[[PyTree, dict], PyTree]
+    advantages: Callable[[RewardBatch], AdvantageOutput]

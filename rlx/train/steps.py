@@ -1,0 +1,264 @@
+"""Pure, jit-compiled update steps: ``step(state, batch) -> (state, metrics)``.
+
+Every step differentiates a *numerator* and divides by a parameter-independent
+*denominator* (see ``rlx/objectives/types.py``): with M micro-batches the gradient is
+Σ_m ∇num_m / Σ_m den_m, exactly the full-batch gradient of the aggregated loss.
+Micro-batch m takes the strided rows {m, m+M, m+2M, …} so every micro-batch spans
+all data-parallel devices.
+
+Mixed precision: parameters (and optimizer moments) stay in ``param_dtype`` (f32
+master weights); the model computes in ``ModelConfig.dtype`` (e.g. bf16).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlx.models import api
+from rlx.models.logprobs import logprobs_from_hidden
+from rlx.objectives import preference
+from rlx.objectives.types import Objective, TokenOutputs
+from rlx.objectives.value import clipped_value_loss
+from rlx.train.batches import PairBatch, RolloutBatch, Sequences, SFTBatch
+from rlx.train.state import TrainState
+
+LossFn = Callable[[Any, Any], tuple[jax.Array, tuple[jax.Array, dict]]]
+
+
+# ----------------------------------------------------------------------------- forwards
+def completion_outputs(graphdef, params, seq: Sequences, completion_length: int, *,
+                       temperature: float = 1.0, chunk_size: int = 512) -> TokenOutputs:
+    """Log-probs and entropies of the last T tokens of each row, [B, T] f32.
+
+    Hidden state t predicts token t+1, so completion token j (at index Sp + j) is
+    scored from hidden index Sp + j − 1; only those T positions are unembedded.
+    """
+    model = api.merge(graphdef, params)
+    hidden, _ = model(seq.tokens, seq.positions, seq.attention_mask)
+    s = seq.tokens.shape[1]
+    sp = s - completion_length
+    if sp < 1:
+        raise ValueError(f"completion_length={completion_length} leaves no prompt token in "
+                         f"sequences of length {s}")
+    logp, entropy = logprobs_from_hidden(hidden[:, sp - 1:s - 1], model.unembedding(),
+                                         seq.tokens[:, sp:], temperature=temperature,
+                                         chunk_size=chunk_size)
+    return TokenOutputs(logp=logp, entropy=entropy)
+
+
+def completion_values(graphdef, params, seq: Sequences, completion_length: int) -> jax.Array:
+    """Critic values V(s_j) of the state before each completion token, [B, T] f32."""
+    values = api.values(graphdef, params, seq.tokens, seq.positions, seq.attention_mask)
+    s = seq.tokens.shape[1]
+    sp = s - completion_length
+    return values[:, sp - 1:s - 1]
+
+
+def sequence_logprob(graphdef, params, seq: Sequences, target_mask) -> jax.Array:
+    """Σ_t log π(tokens_t | tokens_<t) over target_mask [B,S] -> [B] (t ≥ 1)."""
+    model = api.merge(graphdef, params)
+    hidden, _ = model(seq.tokens, seq.positions, seq.attention_mask)
+    logp, _ = logprobs_from_hidden(hidden[:, :-1], model.unembedding(), seq.tokens[:, 1:])
+    return jnp.sum(logp * target_mask[:, 1:], axis=1)
+
+
+# ------------------------------------------------------------------- gradient machinery
+def _microbatches(batch, num: int):
+    def split(x):
+        if x.shape[0] % num:
+            raise ValueError(f"batch rows {x.shape[0]} not divisible by "
+                             f"num_microbatches={num}")
+        x = x.reshape(x.shape[0] // num, num, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def _combine_metrics(stacked: dict) -> dict:
+    out = {}
+    for name, value in stacked.items():
+        if "min" in name:
+            out[name] = jnp.min(value)
+        elif "max" in name:
+            out[name] = jnp.max(value)
+        else:
+            out[name] = jnp.mean(value)
+    return out
+
+
+def accumulate_gradients(loss_fn: LossFn, params, batch, num_microbatches: int = 1):
+    """Returns (grads, numerator, denominator, metrics) for the whole batch.
+
+    ``loss_fn(params, microbatch) -> (numerator, (denominator, metrics))``.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if num_microbatches == 1:
+        (num, (den, metrics)), grads = grad_fn(params, batch)
+    else:
+        mbs = _microbatches(batch, num_microbatches)
+
+        def body(carry, mb):
+            g_acc, n_acc, d_acc = carry
+            (num, (den, metrics)), g = grad_fn(params, mb)
+            g_acc = jax.tree.map(jnp.add, g_acc, g)
+            return (g_acc, n_acc + num, d_acc + den), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, num, den), stacked = jax.lax.scan(body, init, mbs)
+        metrics = _combine_metrics(stacked)
+    scale = 1.0 / jnp.maximum(den, 1.0)
+    grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+    return grads, num, den, metrics
+
+
+def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation,
+                    objective_state=None) -> tuple[TrainState, dict]:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                        objective_state=(objective_state if objective_state is not None
+                                         else state.objective_state))
+    return new, {"grad_norm": optax.global_norm(grads)}
+
+
+# ------------------------------------------------------------------------------- steps
+def make_policy_step(graphdef, tx, objective: Objective, *, num_microbatches: int = 1,
+                     temperature: float = 1.0, chunk_size: int = 512):
+    """Policy-gradient update for any composed objective (GRPO family, PPO actor…)."""
+
+    def step(state: TrainState, batch: RolloutBatch):
+        t = batch.completion_length
+
+        def loss_fn(params, mb: RolloutBatch):
+            outputs = completion_outputs(graphdef, params, mb.seq, t,
+                                         temperature=temperature, chunk_size=chunk_size)
+            out = objective.loss(outputs, mb.policy, state.objective_state)
+            return out.numerator, (out.denominator, out.metrics)
+
+        grads, num, den, metrics = accumulate_gradients(loss_fn, state.params, batch,
+                                                        num_microbatches)
+        obj_state = objective.update(state.objective_state, metrics)
+        state, extra = apply_gradients(state, grads, tx, obj_state)
+        metrics = {**metrics, **extra, "loss": num / jnp.maximum(den, 1.0),
+                   "loss_tokens": den}
+        return state, metrics
+
+    return step
+
+
+def make_value_step(graphdef, tx, *, clip_eps: float | None = 0.2,
+                    num_microbatches: int = 1):
+    """Critic update: clipped value loss against ``batch.policy.returns`` (token-mean)."""
+
+    def step(state: TrainState, batch: RolloutBatch):
+        t = batch.completion_length
+        if batch.policy.returns is None or batch.policy.old_values is None:
+            raise ValueError("value step needs PolicyBatch.returns and .old_values")
+
+        def loss_fn(params, mb: RolloutBatch):
+            v = completion_values(graphdef, params, mb.seq, t)
+            loss, clipped = clipped_value_loss(v, mb.policy.old_values, mb.policy.returns,
+                                               mb.policy.mask, clip_eps=clip_eps)
+            m = (mb.policy.mask > 0).astype(jnp.float32)
+            den = jnp.sum(m)
+            return jnp.sum(loss), (den, {"value_clipfrac": jnp.sum(clipped) / jnp.maximum(den, 1),
+                                         "value_mean": jnp.sum(v * m) / jnp.maximum(den, 1)})
+
+        grads, num, den, metrics = accumulate_gradients(loss_fn, state.params, batch,
+                                                        num_microbatches)
+        state, extra = apply_gradients(state, grads, tx)
+        return state, {**metrics, **extra, "value_loss": num / jnp.maximum(den, 1.0)}
+
+    return step
+
+
+def make_sft_step(graphdef, tx, *, num_microbatches: int = 1):
+    """Supervised next-token step: token-mean NLL over ``loss_mask`` targets."""
+
+    def step(state: TrainState, batch: SFTBatch):
+        def loss_fn(params, mb: SFTBatch):
+            model = api.merge(graphdef, params)
+            seq = mb.seq
+            hidden, _ = model(seq.tokens, seq.positions, seq.attention_mask)
+            logp, _ = logprobs_from_hidden(hidden[:, :-1], model.unembedding(),
+                                           seq.tokens[:, 1:])
+            m = mb.loss_mask[:, 1:].astype(jnp.float32)
+            return -jnp.sum(logp * m), (jnp.sum(m), {})
+
+        grads, num, den, metrics = accumulate_gradients(loss_fn, state.params, batch,
+                                                        num_microbatches)
+        state, extra = apply_gradients(state, grads, tx)
+        return state, {**extra, "sft_loss": num / jnp.maximum(den, 1.0), "sft_tokens": den}
+
+    return step
+
+
+def make_reward_model_step(graphdef, tx, *, margin: float | None = None,
+                           num_microbatches: int = 1):
+    """Bradley-Terry reward-model step on (chosen, rejected) pairs (mean over pairs)."""
+
+    def step(state: TrainState, batch: PairBatch):
+        def loss_fn(params, mb: PairBatch):
+            rc = api.rewards(graphdef, params, mb.chosen.tokens, mb.chosen.positions,
+                             mb.chosen.attention_mask)
+            rr = api.rewards(graphdef, params, mb.rejected.tokens, mb.rejected.positions,
+                             mb.rejected.attention_mask)
+            loss = preference.bradley_terry_loss(rc, rr, margin=margin)
+            n = jnp.asarray(rc.shape[0], jnp.float32)
+            return jnp.sum(loss), (n, {"rm_accuracy": jnp.mean((rc > rr).astype(jnp.float32)),
+                                       "rm_margin": jnp.mean(rc - rr)})
+
+        grads, num, den, metrics = accumulate_gradients(loss_fn, state.params, batch,
+                                                        num_microbatches)
+        state, extra = apply_gradients(state, grads, tx)
+        return state, {**metrics, **extra, "rm_loss": num / jnp.maximum(den, 1.0)}
+
+    return step
+
+
+def make_preference_step(graphdef, tx, *, loss: str = "dpo", beta: float = 0.1,
+                         num_microbatches: int = 1, **loss_kwargs):
+    """DPO-family step: ``loss`` in {"dpo", "ipo", "simpo"} on summed response log-probs."""
+    losses = {"dpo": preference.dpo_loss, "ipo": preference.ipo_loss,
+              "simpo": preference.simpo_loss}
+    if loss not in losses:
+        raise ValueError(f"preference loss {loss!r}: expected one of {sorted(losses)}")
+
+    def step(state: TrainState, batch: PairBatch):
+        def loss_fn(params, mb: PairBatch):
+            lc = sequence_logprob(graphdef, params, mb.chosen, mb.chosen_mask)
+            lr = sequence_logprob(graphdef, params, mb.rejected, mb.rejected_mask)
+            if loss == "simpo":
+                nc = jnp.sum(mb.chosen_mask[:, 1:], axis=1)
+                nr = jnp.sum(mb.rejected_mask[:, 1:], axis=1)
+                per = preference.simpo_loss(lc, lr, nc, nr, beta=beta, **loss_kwargs)
+            else:
+                per = losses[loss](lc, lr, mb.ref_chosen_logp, mb.ref_rejected_logp,
+                                   beta=beta, **loss_kwargs)
+            margin = (lc - mb.ref_chosen_logp) - (lr - mb.ref_rejected_logp)
+            n = jnp.asarray(lc.shape[0], jnp.float32)
+            return jnp.sum(per), (n, {"pref_accuracy": jnp.mean((margin > 0).astype(jnp.float32)),
+                                      "pref_margin": jnp.mean(margin)})
+
+        grads, num, den, metrics = accumulate_gradients(loss_fn, state.params, batch,
+                                                        num_microbatches)
+        state, extra = apply_gradients(state, grads, tx)
+        return state, {**metrics, **extra, "pref_loss": num / jnp.maximum(den, 1.0)}
+
+    return step
+
+
+# ------------------------------------------------------------------------------ jitting
+def jit_step(step_fn, mesh, state_shardings, batch_example):
+    """jit with explicit in/out shardings; the state buffer is donated."""
+    from rlx import sharding as sh
+
+    batch_sh = jax.tree.map(
+        lambda x: sh.replicated(mesh) if jnp.ndim(x) == 0 else sh.batch_sharding(mesh, jnp.ndim(x)),
+        batch_example)
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sh),
+                   out_shardings=(state_shardings, sh.replicated(mesh)), donate_argnums=(0,))

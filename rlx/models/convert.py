@@ -1,0 +1,545 @@
+"""Checkpoint conversion: Hugging Face folders <-> rlx params, and rlx's own folder format.
+
+A Hugging Face folder holds ``config.json`` and safetensors weights, either one
+``model.safetensors`` or shards listed in ``model.safetensors.index.json``. Weights are
+read with the numpy API of ``safetensors`` (memory-mapped, one tensor at a time); pickled
+``*.bin`` checkpoints are never opened.
+
+Name mapping (torch ``nn.Linear`` stores ``weight [out, in]``; rlx kernels are
+``[in, out]``, so every ``*_proj`` and ``lm_head`` weight is transposed):
+
+  model.embed_tokens.weight [V, D]                     trunk/embed/embedding
+  model.layers.{i}.input_layernorm.weight              trunk/layers/{i}/input_norm/scale
+  model.layers.{i}.self_attn.{q,k,v}_proj.weight/.bias trunk/layers/{i}/attn/{q,k,v}_proj/kernel/bias
+  model.layers.{i}.self_attn.o_proj.weight             trunk/layers/{i}/attn/o_proj/kernel
+  model.layers.{i}.post_attention_layernorm.weight     trunk/layers/{i}/post_attn_norm/scale
+  model.layers.{i}.mlp.{gate,up,down}_proj.weight      trunk/layers/{i}/mlp/{gate,up,down}_proj/kernel
+  model.norm.weight                                    trunk/final_norm/scale
+  lm_head.weight [V, D]                                lm_head/kernel [D, V]  (untied only)
+
+Tolerated extras on import: rotary ``inv_freq`` buffers of old checkpoints (recomputed
+from the config), and ``lm_head.weight`` in a tied checkpoint when it equals the
+embedding. Anything else unexpected is an error.
+
+The rlx folder format (used by ``rlx convert``) is pickle-free as well: ``config.json``
+``{"rlx_format": 1, "kind": ..., "model_config": {ModelConfig fields}}`` and
+``params.safetensors`` whose keys are the '/'-joined parameter paths of
+``rlx.models.api.param_paths``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from rlx.models import api
+from rlx.models.config import ModelConfig, RopeScaling
+
+ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+_MODEL_TYPES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+RLX_PARAMS_FILE = "params.safetensors"
+RLX_FORMAT = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "chat_template.jinja", "generation_config.json")
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file cannot be read or written as requested."""
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
+    """Maps a Hugging Face ``config.json`` dict to a ModelConfig.
+
+    Accepts both the transformers 4 layout (top-level ``rope_theta`` and ``rope_scaling``)
+    and the transformers 5 layout (``rope_parameters``). Features rlx does not implement
+    (other rope types, sliding windows, MLP or output-projection bias, other
+    activations) raise CheckpointError instead of loading silently wrong.
+    """
+    archs = hf.get("architectures") or []
+    arch = archs[0] if archs else {"qwen2": "Qwen2ForCausalLM",
+                                   "llama": "LlamaForCausalLM"}.get(hf.get("model_type"))
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"unsupported architecture {archs or hf.get('model_type')!r}; "
+                              f"rlx supports {list(ARCHITECTURES)}")
+
+    def need(key):
+        if key not in hf:
+            raise CheckpointError(f"config.json ({arch}) has no {key!r}")
+        return hf[key]
+
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"config.json hidden_act={hf['hidden_act']!r}: only 'silu' "
+                              "(SwiGLU) is supported")
+    if hf.get("mlp_bias", False):
+        raise CheckpointError("config.json mlp_bias=True is not supported")
+    if arch == "LlamaForCausalLM" and hf.get("attention_bias", False):
+        raise CheckpointError("config.json attention_bias=True (Llama: bias on q/k/v and "
+                              "o_proj) is not supported; rlx has q/k/v bias only (Qwen2)")
+    if arch == "Qwen2ForCausalLM" and hf.get("use_sliding_window", False):
+        raise CheckpointError("config.json use_sliding_window=True is not supported")
+    if hf.get("partial_rotary_factor", 1.0) not in (None, 1.0):
+        raise CheckpointError(f"config.json partial_rotary_factor="
+                              f"{hf['partial_rotary_factor']!r} is not supported")
+
+    max_pos = int(hf.get("max_position_embeddings", 4096))
+    rope = dict(hf.get("rope_parameters") or {})
+    rope.update(hf.get("rope_scaling") or {})
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if rope.get("partial_rotary_factor", 1.0) not in (None, 1.0):
+        raise CheckpointError("rope partial_rotary_factor is not supported")
+    if rope_type == "default":
+        scaling = None
+    elif rope_type == "llama3":
+        scaling = RopeScaling(
+            factor=float(rope["factor"]),
+            low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(
+                rope.get("original_max_position_embeddings", max_pos)))
+    else:
+        raise CheckpointError(f"config.json rope type {rope_type!r} is not supported; "
+                              "rlx supports 'default' and 'llama3'")
+    heads = int(need("num_attention_heads"))
+    try:
+        return ModelConfig(
+            vocab_size=int(need("vocab_size")),
+            hidden_size=int(need("hidden_size")),
+            intermediate_size=int(need("intermediate_size")),
+            num_layers=int(need("num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf["head_dim"]) if hf.get("head_dim") else None,
+            rope_theta=theta,
+            rope_scaling=scaling,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            qkv_bias=arch == "Qwen2ForCausalLM",
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=max_pos,
+        )
+    except ValueError as e:  # ModelConfig's own validation
+        raise CheckpointError(f"config.json does not give a valid model: {e}") from e
+
+
+def config_to_hf(config: ModelConfig, *, architecture: str | None = None,
+                 dtype: str = "float32", extra: Mapping[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """Maps a ModelConfig to a Hugging Face ``config.json`` dict.
+
+    ``architecture`` defaults to Qwen2ForCausalLM when ``qkv_bias`` (Qwen2 always has
+    q/k/v bias) and LlamaForCausalLM otherwise. RoPE is written in both layouts
+    (``rope_theta``/``rope_scaling`` for transformers 4, ``rope_parameters`` for 5).
+    ``extra`` adds or overrides keys (e.g. ``bos_token_id``, ``eos_token_id``).
+    """
+    arch = architecture or ("Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"unsupported architecture {arch!r}; rlx supports "
+                              f"{list(ARCHITECTURES)}")
+    if arch == "LlamaForCausalLM" and config.qkv_bias:
+        raise CheckpointError("qkv_bias=True cannot be exported as LlamaForCausalLM (its "
+                              "attention_bias also biases o_proj); use Qwen2ForCausalLM")
+    if arch == "Qwen2ForCausalLM" and not config.qkv_bias:
+        raise CheckpointError("Qwen2ForCausalLM always has q/k/v bias; export a "
+                              "qkv_bias=False model as LlamaForCausalLM")
+    if dtype not in _NP_DTYPES:
+        raise CheckpointError(f"dtype={dtype!r}: expected one of {sorted(_NP_DTYPES)}")
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    scaling = None
+    if config.rope_scaling is not None:
+        scaling = {"rope_type": "llama3", **dataclasses.asdict(config.rope_scaling)}
+        rope.update(scaling)
+    hf: dict[str, Any] = {
+        "architectures": [arch],
+        "model_type": _MODEL_TYPES[arch],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": scaling,
+        "rope_parameters": rope,
+        "tie_word_embeddings": config.tie_embeddings,
+        "torch_dtype": dtype,
+        "use_cache": True,
+    }
+    if arch == "LlamaForCausalLM":
+        hf.update(attention_bias=False, mlp_bias=False)
+    else:
+        hf.update(use_sliding_window=False, sliding_window=None,
+                  max_window_layers=config.num_layers)
+    hf.update(extra or {})
+    return hf
+
+
+# --------------------------------------------------------------------------- name map
+
+
+class TensorSpec(NamedTuple):
+    """One checkpoint tensor: rlx path, Hugging Face name, rlx shape, transposed?"""
+
+    path: str
+    hf_name: str
+    shape: tuple[int, ...]
+    transpose: bool
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        return self.shape[::-1] if self.transpose else self.shape
+
+
+def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
+    """Every policy parameter with its Hugging Face name, in checkpoint order."""
+    d, f, v, dh = (config.hidden_size, config.intermediate_size, config.vocab_size,
+                   config.head_dim)
+    q, kv = config.num_heads * dh, config.num_kv_heads * dh
+    specs = [TensorSpec("trunk/embed/embedding", "model.embed_tokens.weight", (v, d), False)]
+    for i in range(config.num_layers):
+        rl, hl = f"trunk/layers/{i}", f"model.layers.{i}"
+        specs.append(TensorSpec(f"{rl}/input_norm/scale", f"{hl}.input_layernorm.weight",
+                                (d,), False))
+        for name, width in (("q", q), ("k", kv), ("v", kv)):
+            specs.append(TensorSpec(f"{rl}/attn/{name}_proj/kernel",
+                                    f"{hl}.self_attn.{name}_proj.weight", (d, width), True))
+            if config.qkv_bias:
+                specs.append(TensorSpec(f"{rl}/attn/{name}_proj/bias",
+                                        f"{hl}.self_attn.{name}_proj.bias", (width,), False))
+        specs.append(TensorSpec(f"{rl}/attn/o_proj/kernel", f"{hl}.self_attn.o_proj.weight",
+                                (q, d), True))
+        specs.append(TensorSpec(f"{rl}/post_attn_norm/scale",
+                                f"{hl}.post_attention_layernorm.weight", (d,), False))
+        for name, shape in (("gate", (d, f)), ("up", (d, f)), ("down", (f, d))):
+            specs.append(TensorSpec(f"{rl}/mlp/{name}_proj/kernel",
+                                    f"{hl}.mlp.{name}_proj.weight", shape, True))
+    specs.append(TensorSpec("trunk/final_norm/scale", "model.norm.weight", (d,), False))
+    if not config.tie_embeddings:
+        specs.append(TensorSpec("lm_head/kernel", "lm_head.weight", (d, v), True))
+    return specs
+
+
+# --------------------------------------------------------------------------- params <-> flat
+
+
+def _path_str(path) -> str:
+    return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def flatten_params(params) -> dict[str, jax.Array]:
+    """params pytree -> {'trunk/layers/0/attn/q_proj/kernel': array, ...}."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+    return {_path_str(path): leaf for path, leaf in leaves}
+
+
+def unflatten_params(config: ModelConfig, flat: Mapping[str, Any], *,
+                     kind: api.Kind = "policy", source: str = "params"):
+    """{path: array} -> (graphdef, params) of ``kind``, checking names and shapes.
+
+    Arrays are cast to ``config.param_dtype``. Raises CheckpointError naming the
+    missing/unexpected paths or the path with both shapes.
+    """
+    graphdef, abstract = api.abstract_init(config, kind=kind)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    wanted = {_path_str(path): leaf for path, leaf in leaves}
+    missing = sorted(set(wanted) - set(flat))
+    unexpected = sorted(set(flat) - set(wanted))
+    if missing:
+        raise CheckpointError(f"{source}: missing parameters {missing}")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected parameters {unexpected}")
+    dtype = jnp.dtype(config.param_dtype)
+    out = []
+    for path, _ in leaves:
+        name = _path_str(path)
+        value = flat[name]
+        if tuple(value.shape) != tuple(wanted[name].shape):
+            raise CheckpointError(f"{source}: parameter {name!r} has shape "
+                                  f"{tuple(value.shape)}, expected {wanted[name].shape}")
+        out.append(jnp.asarray(np.asarray(value), dtype=dtype))
+    return graphdef, jax.tree_util.tree_unflatten(treedef, out)
+
+
+# --------------------------------------------------------------------------- HF import
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _check_folder(folder: str) -> None:
+    if not os.path.exists(folder):
+        raise CheckpointError(f"checkpoint folder {folder!r} does not exist")
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"checkpoint path {folder!r} is not a folder")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise CheckpointError(f"checkpoint folder {folder!r} has no config.json")
+
+
+def _weight_files(folder: str) -> dict[str, str]:
+    """Maps each tensor name to the safetensors file (path) that holds it."""
+    index = os.path.join(folder, INDEX_FILE)
+    single = os.path.join(folder, SINGLE_FILE)
+    if os.path.isfile(index):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object")
+        files = {}
+        for name, fname in weight_map.items():
+            path = os.path.join(folder, fname)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{index}: shard {fname!r} (holding {name!r}) not found")
+            files[name] = path
+        return files
+    if os.path.isfile(single):
+        with safe_open(single, framework="np") as f:
+            return {name: single for name in f.keys()}
+    present = sorted(os.listdir(folder))
+    pickled = [p for p in present if p.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    hint = (f"; found {pickled}: pickled checkpoints are never loaded (re-save them with "
+            "safe_serialization=True)") if pickled else ""
+    raise CheckpointError(f"checkpoint folder {folder!r} has neither {SINGLE_FILE} nor "
+                          f"{INDEX_FILE}{hint}")
+
+
+def read_hf_tensors(folder: str, config: ModelConfig) -> dict[str, np.ndarray]:
+    """Reads and checks the policy tensors of ``folder``: {rlx path: array [rlx layout]}."""
+    files = _weight_files(folder)
+    specs = tensor_specs(config)
+    by_name = {s.hf_name: s for s in specs}
+    missing = [s.hf_name for s in specs if s.hf_name not in files]
+    if missing:
+        raise CheckpointError(f"{folder}: missing tensors {missing}")
+    extra = sorted(n for n in files if n not in by_name and not _IGNORED.match(n))
+    tied_head = config.tie_embeddings and "lm_head.weight" in extra
+    if tied_head:
+        extra.remove("lm_head.weight")
+    if extra:
+        raise CheckpointError(f"{folder}: unexpected tensors {extra}")
+    out: dict[str, np.ndarray] = {}
+    with contextlib.ExitStack() as stack:
+        handles: dict[str, Any] = {}
+
+        def tensor_file(name):
+            path = files[name]
+            if path not in handles:
+                handles[path] = stack.enter_context(safe_open(path, framework="np"))
+            return path, handles[path]
+
+        for spec in specs:
+            path, f = tensor_file(spec.hf_name)
+            shape = tuple(f.get_slice(spec.hf_name).get_shape())
+            if shape != spec.hf_shape:
+                raise CheckpointError(
+                    f"{os.path.basename(path)}: tensor {spec.hf_name!r} has shape {shape}, "
+                    f"expected {spec.hf_shape} from config.json")
+            array = f.get_tensor(spec.hf_name)
+            out[spec.path] = array.T if spec.transpose else array
+        if tied_head:
+            head = tensor_file("lm_head.weight")[1].get_tensor("lm_head.weight")
+            embed = out["trunk/embed/embedding"]
+            if head.shape != embed.shape or not np.array_equal(head, embed):
+                raise CheckpointError(f"{folder}: config.json has tie_word_embeddings=true "
+                                      "but tensor 'lm_head.weight' differs from "
+                                      "'model.embed_tokens.weight'")
+    return out
+
+
+def load_hf(folder: str, *, dtype: str | None = None,
+            overrides: Mapping[str, Any] | None = None):
+    """Loads a Hugging Face Qwen2/Llama folder -> (ModelConfig, graphdef, params).
+
+    Args:
+      folder: holds config.json and model.safetensors (or sharded safetensors with
+        model.safetensors.index.json).
+      dtype: parameter storage dtype (``ModelConfig.param_dtype``); default float32.
+      overrides: other ModelConfig fields, e.g. ``{"dtype": "bfloat16"}`` for the compute
+        dtype or ``{"attention_backend": ...}``.
+    """
+    folder = os.fspath(folder)
+    _check_folder(folder)
+    config = config_from_hf(_read_json(os.path.join(folder, "config.json")))
+    changes = dict(overrides or {})
+    if dtype is not None:
+        changes["param_dtype"] = dtype
+    if changes:
+        try:
+            config = config.replace(**changes)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"bad config override {changes}: {e}") from e
+    flat = read_hf_tensors(folder, config)
+    graphdef, params = unflatten_params(config, flat, source=folder)
+    return config, graphdef, params
+
+
+# --------------------------------------------------------------------------- HF export
+
+
+def parse_size(size: int | str) -> int:
+    """5_000_000, "5GB", "200MB", "20KB" -> bytes (decimal units, as transformers)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
+        if not m:
+            raise CheckpointError(f"shard_size={size!r}: expected bytes or e.g. '5GB'")
+        unit = (m.group(2) or "B").upper()
+        mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+        value = int(float(m.group(1)) * mult)
+    if value <= 0:
+        raise CheckpointError(f"shard_size={size!r} must be positive")
+    return value
+
+
+def _prepare_out(folder: str, overwrite: bool) -> None:
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise CheckpointError(f"output path {folder!r} exists and is not a folder")
+    if os.path.isdir(folder) and os.listdir(folder) and not overwrite:
+        raise CheckpointError(f"output folder {folder!r} is not empty (pass overwrite=True)")
+    os.makedirs(folder, exist_ok=True)
+
+
+def save_hf(folder: str, config: ModelConfig, params, *, dtype: str = "float32",
+            shard_size: int | str = "5GB", architecture: str | None = None,
+            extra_config: Mapping[str, Any] | None = None, overwrite: bool = False
+            ) -> list[str]:
+    """Writes a policy as a Hugging Face folder ``transformers`` can load.
+
+    Writes config.json and model.safetensors, or when the tensors exceed
+    ``shard_size`` bytes, model-0000i-of-0000n.safetensors plus
+    model.safetensors.index.json. Returns the written weight file names.
+    """
+    folder = os.fspath(folder)
+    limit = parse_size(shard_size)
+    hf_config = config_to_hf(config, architecture=architecture, dtype=dtype,
+                             extra=extra_config)
+    flat = flatten_params(params)
+    specs = tensor_specs(config)
+    missing = [s.path for s in specs if s.path not in flat]
+    if missing:
+        raise CheckpointError(f"params lack {missing} (only policy params can be exported)")
+    np_dtype = _NP_DTYPES[dtype]
+    tensors: dict[str, np.ndarray] = {}
+    for spec in specs:
+        value = np.asarray(flat[spec.path])
+        if value.shape != spec.shape:
+            raise CheckpointError(f"parameter {spec.path!r} has shape {value.shape}, "
+                                  f"expected {spec.shape} from the config")
+        value = value.T if spec.transpose else value
+        tensors[spec.hf_name] = np.ascontiguousarray(value.astype(np_dtype))
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    used = 0
+    for name, value in tensors.items():
+        if shards[-1] and used + value.nbytes > limit:
+            shards.append({})
+            used = 0
+        shards[-1][name] = value
+        used += value.nbytes
+
+    _prepare_out(folder, overwrite)
+    for stale in (SINGLE_FILE, INDEX_FILE):
+        if os.path.exists(os.path.join(folder, stale)):
+            os.remove(os.path.join(folder, stale))
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        names = [SINGLE_FILE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                 for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(folder, name), metadata=metadata)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
+                 "weight_map": {t: name for name, shard in zip(names, shards) for t in shard}}
+        with open(os.path.join(folder, INDEX_FILE), "w") as f:
+            json.dump(index, f, indent=2)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    return names
+
+
+def copy_tokenizer_files(src: str, dst: str) -> list[str]:
+    """Copies tokenizer/generation files (``TOKENIZER_FILES``) present in ``src``."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(dst, name))
+            copied.append(name)
+    return copied
+
+
+# --------------------------------------------------------------------------- rlx format
+
+
+def save_rlx(folder: str, config: ModelConfig, params, *, kind: api.Kind = "policy",
+             overwrite: bool = False) -> None:
+    """Writes rlx's pickle-free folder: config.json + params.safetensors (flat paths)."""
+    folder = os.fspath(folder)
+    flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten_params(params).items()}
+    _prepare_out(folder, overwrite)
+    save_file(flat, os.path.join(folder, RLX_PARAMS_FILE), metadata={"format": "rlx"})
+    meta = {"rlx_format": RLX_FORMAT, "kind": kind,
+            "model_config": dataclasses.asdict(config)}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def load_rlx(folder: str, *, dtype: str | None = None):
+    """Reads a folder written by ``save_rlx`` -> (ModelConfig, graphdef, params)."""
+    folder = os.fspath(folder)
+    _check_folder(folder)
+    meta = _read_json(os.path.join(folder, "config.json"))
+    if meta.get("rlx_format") != RLX_FORMAT:
+        hint = (" (it looks like a Hugging Face folder: use hf-to-rlx / load_hf)"
+                if "architectures" in meta else "")
+        raise CheckpointError(f"{folder}/config.json is not an rlx checkpoint config "
+                              f"(rlx_format={meta.get('rlx_format')!r}){hint}")
+    try:
+        config = ModelConfig(**meta["model_config"])
+        if dtype is not None:
+            config = config.replace(param_dtype=dtype)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder}/config.json: bad model_config ({e})") from e
+    path = os.path.join(folder, RLX_PARAMS_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"rlx checkpoint folder {folder!r} has no {RLX_PARAMS_FILE}")
+    with safe_open(path, framework="np") as f:
+        flat = {name: f.get_tensor(name) for name in f.keys()}
+    kind = meta.get("kind", "policy")
+    if kind not in ("policy", "value", "reward"):
+        raise CheckpointError(f"{folder}/config.json: unknown kind {kind!r}")
+    graphdef, params = unflatten_params(config, flat, kind=kind, source=path)
+    return config, graphdef, params

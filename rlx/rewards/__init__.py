@@ -1,0 +1,49 @@
+"""Host-side reward functions, weighted multi-reward specs and the reward worker pool.
+
+Reward protocol: ``fn(completion: str, problem) -> float`` (``problem`` has ``.prompt``,
+``.answer``, ``.meta``). Registered rewards: ``numeric_exact_match``, ``math_answer``,
+``countdown``, ``sorting``, ``format``. This package never imports JAX, so worker
+processes start fast.
+"""
+
+from rlx.rewards.countdown import ExpressionError, countdown_reward, evaluate_expression, extract_expression
+from rlx.rewards.exact import numeric_exact_match
+from rlx.rewards.extract import extract_answer, extract_boxed, parse_number
+from rlx.rewards.format import format_reward
+from rlx.rewards.math_answer import available_backend, math_answer, sympy_equal
+from rlx.rewards.pool import RewardPool, RewardResult
+from rlx.rewards.sorting import sorting_reward
+from rlx.rewards.spec import (
+    RewardComponent,
+    RewardFn,
+    RewardSpec,
+    available_rewards,
+    get_reward,
+    register_reward,
+    reward_spec,
+)
+
+__all__ = [
+    "ExpressionError",
+    "RewardComponent",
+    "RewardFn",
+    "RewardPool",
+    "RewardResult",
+    "RewardSpec",
+    "available_backend",
+    "available_rewards",
+    "countdown_reward",
+    "evaluate_expression",
+    "extract_answer",
+    "extract_boxed",
+    "extract_expression",
+    "format_reward",
+    "get_reward",
+    "math_answer",
+    "numeric_exact_match",
+    "parse_number",
+    "register_reward",
+    "reward_spec",
+    "sorting_reward",
+    "sympy_equal",
+]

@@ -111,7 +111,8 @@ class Task(abc.ABC):
         """``n`` problems of ``split``, deterministic in ``seed``; distinct keys if ``unique``.
 
         Raises ValueError when ``unique`` and the split has fewer than ``n`` problems
-        (detected as 1000 + 100·n consecutive draws without a new one).
+        (detected as 1000 + 10·n consecutive draws without a new one; a nearly exhausted
+        split can trip this too, and the message says so).
         """
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n!r}")
@@ -125,10 +126,11 @@ class Task(abc.ABC):
                 k = self.key(problem)
                 if k in seen:
                     stale += 1
-                    if stale > 1000 + 100 * n:
+                    if stale > 1000 + 10 * n:
                         raise ValueError(
                             f"task {self.name!r}: split {split!r} has fewer than n={n} "
-                            f"distinct problems (found {len(out)})"
+                            f"distinct problems (found {len(out)}, then {stale - 1} draws "
+                            "without a new one)"
                         )
                     continue
                 seen.add(k)

@@ -1,0 +1,286 @@
+"""Checkpoint conversion without transformers: config mapping, file layout, clear errors."""
+
+import json
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from rlx.models import api, convert
+from rlx.models.config import PRESETS, ModelConfig, RopeScaling
+from rlx.models.convert import CheckpointError
+
+CFG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2,
+                  num_heads=2, num_kv_heads=1, qkv_bias=True, tie_embeddings=False,
+                  rope_theta=1000.0, rms_norm_eps=1e-5, max_position_embeddings=128)
+
+# Abridged from the published config.json files (transformers 4 layout).
+LLAMA32_1B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 128000,
+    "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048,
+    "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False,
+    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "vocab_size": 128256}
+QWEN25_05B = {
+    "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu", "hidden_size": 896,
+    "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 21,
+    "model_type": "qwen2", "num_attention_heads": 14, "num_hidden_layers": 24,
+    "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "use_sliding_window": False, "vocab_size": 151936}
+
+
+@pytest.fixture(scope="module")
+def model():
+    graphdef, params = api.init(CFG, seed=3)
+    return graphdef, params
+
+
+@pytest.fixture
+def hf_dir(tmp_path, model):
+    folder = tmp_path / "hf"
+    convert.save_hf(folder, CFG, model[1])
+    return folder
+
+
+def _same(a, b):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+# ------------------------------------------------------------------------ configs
+
+
+def test_published_configs_map_to_presets():
+    assert convert.config_from_hf(LLAMA32_1B) == PRESETS["llama3.2-1b"]
+    assert convert.config_from_hf(QWEN25_05B) == PRESETS["qwen2.5-0.5b"]
+
+
+@pytest.mark.parametrize("name", ["tiny", "qwen2.5-7b", "llama3.1-8b", "llama3.2-1b"])
+def test_config_round_trips_through_hf_dict(name):
+    config = PRESETS[name]
+    hf = json.loads(json.dumps(convert.config_to_hf(config)))
+    assert convert.config_from_hf(hf) == config
+    # transformers 5 layout only (rope_parameters) reads the same.
+    hf5 = {k: v for k, v in hf.items() if k not in ("rope_theta", "rope_scaling")}
+    assert convert.config_from_hf(hf5) == config
+
+
+def test_config_to_hf_picks_architecture_from_bias():
+    assert convert.config_to_hf(CFG)["architectures"] == ["Qwen2ForCausalLM"]
+    llama = convert.config_to_hf(CFG.replace(qkv_bias=False))
+    assert llama["architectures"] == ["LlamaForCausalLM"] and not llama["attention_bias"]
+    with pytest.raises(CheckpointError, match="qkv_bias=True cannot be exported"):
+        convert.config_to_hf(CFG, architecture="LlamaForCausalLM")
+    with pytest.raises(CheckpointError, match="always has q/k/v bias"):
+        convert.config_to_hf(CFG.replace(qkv_bias=False), architecture="Qwen2ForCausalLM")
+    with pytest.raises(CheckpointError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        convert.config_to_hf(CFG, architecture="GPT2LMHeadModel")
+
+
+def test_llama3_rope_defaults_original_max_positions_to_max_positions():
+    hf = dict(LLAMA32_1B, rope_scaling={"type": "llama3", "factor": 8.0},
+              max_position_embeddings=4096)
+    assert convert.config_from_hf(hf).rope_scaling == RopeScaling(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=4096)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(architectures=["MistralForCausalLM"]), "unsupported architecture.*Mistral"),
+    (dict(architectures=None, model_type="gpt2"), "unsupported architecture 'gpt2'"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope type 'yarn'"),
+    (dict(attention_bias=True), "attention_bias=True"),
+    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    (dict(num_key_value_heads=5), "num_kv_heads"),
+    (dict(vocab_size=None), "vocab_size"),
+])
+def test_config_from_hf_rejects_unsupported_features(change, match):
+    hf = {k: v for k, v in {**LLAMA32_1B, **change}.items() if v is not None}
+    with pytest.raises(CheckpointError, match=match):
+        convert.config_from_hf(hf)
+
+
+def test_config_from_hf_rejects_qwen_sliding_window():
+    with pytest.raises(CheckpointError, match="use_sliding_window"):
+        convert.config_from_hf(dict(QWEN25_05B, use_sliding_window=True))
+
+
+# ------------------------------------------------------------------------ HF folders
+
+
+def test_save_then_load_hf_restores_params(hf_dir, model):
+    files = sorted(p.name for p in hf_dir.iterdir())
+    assert files == ["config.json", "model.safetensors"]
+    tensors = load_file(hf_dir / "model.safetensors")
+    assert tensors["model.layers.0.self_attn.q_proj.weight"].shape == (16, 16)
+    assert tensors["model.layers.1.mlp.down_proj.weight"].shape == (16, 24)  # [out, in]
+    assert tensors["lm_head.weight"].shape == (32, 16)
+    flat = convert.flatten_params(model[1])
+    np.testing.assert_array_equal(tensors["model.layers.1.mlp.down_proj.weight"],
+                                  np.asarray(flat["trunk/layers/1/mlp/down_proj/kernel"]).T)
+    config, graphdef, params = convert.load_hf(hf_dir)
+    assert config == CFG
+    _same(params, model[1])
+
+
+def test_tied_checkpoint_has_no_lm_head_and_accepts_a_duplicate(tmp_path):
+    cfg = CFG.replace(tie_embeddings=True)
+    _, params = api.init(cfg, seed=1)
+    convert.save_hf(tmp_path, cfg, params)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    _same(convert.load_hf(tmp_path)[2], params)
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] + 1
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="'lm_head.weight' differs"):
+        convert.load_hf(tmp_path)
+
+
+def test_bfloat16_export_and_load_dtypes(tmp_path, model):
+    convert.save_hf(tmp_path, CFG, model[1], dtype="bfloat16")
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert all(t.dtype == ml_dtypes.bfloat16 for t in tensors.values())
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    config, graphdef, params = convert.load_hf(tmp_path, dtype="bfloat16",
+                                               overrides={"dtype": "bfloat16"})
+    assert config.param_dtype == config.dtype == "bfloat16"
+    assert {str(x.dtype) for x in jax.tree.leaves(params)} == {"bfloat16"}
+    expected = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16), model[1])
+    _same(params, expected)
+    config32, _, params32 = convert.load_hf(tmp_path)
+    assert {str(x.dtype) for x in jax.tree.leaves(params32)} == {"float32"}
+
+
+def test_load_hf_reports_missing_folder_and_config(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        convert.load_hf(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="is not a folder"):
+        convert.load_hf(tmp_path / "file")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        convert.load_hf(tmp_path / "empty")
+
+
+def test_load_hf_refuses_pickled_weights(hf_dir):
+    (hf_dir / "model.safetensors").unlink()
+    (hf_dir / "pytorch_model.bin").write_bytes(b"\x80\x04 not unpickled")
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin.*never loaded"):
+        convert.load_hf(hf_dir)
+
+
+def test_load_hf_unsupported_architecture(hf_dir):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps(dict(cfg, architectures=["GPT2LMHeadModel"])))
+    with pytest.raises(CheckpointError, match="unsupported architecture.*GPT2LMHeadModel"):
+        convert.load_hf(hf_dir)
+
+
+def test_load_hf_names_tensor_and_both_shapes_on_mismatch(hf_dir):
+    tensors = load_file(hf_dir / "model.safetensors")
+    tensors["model.layers.1.self_attn.k_proj.weight"] = np.zeros((8, 15), np.float32)
+    save_file(tensors, hf_dir / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor "
+                       r"'model.layers.1.self_attn.k_proj.weight' has shape \(8, 15\), "
+                       r"expected \(8, 16\)"):
+        convert.load_hf(hf_dir)
+
+
+def test_load_hf_lists_missing_and_unexpected_tensors(hf_dir):
+    tensors = load_file(hf_dir / "model.safetensors")
+    del tensors["model.norm.weight"], tensors["model.layers.0.self_attn.q_proj.bias"]
+    save_file(tensors, hf_dir / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing tensors \['model.layers.0.self_attn"
+                       r".q_proj.bias', 'model.norm.weight'\]"):
+        convert.load_hf(hf_dir)
+    tensors = load_file(hf_dir / "model.safetensors")
+    tensors.update({"model.norm.weight": np.ones(16, np.float32),
+                    "model.layers.0.self_attn.q_proj.bias": np.ones(16, np.float32),
+                    "model.layers.2.mlp.up_proj.weight": np.ones((24, 16), np.float32),
+                    "score.weight": np.ones((1, 16), np.float32)})
+    save_file(tensors, hf_dir / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"unexpected tensors \['model.layers.2.mlp"
+                       r".up_proj.weight', 'score.weight'\]"):
+        convert.load_hf(hf_dir)
+
+
+def test_sharded_save_writes_index_and_loads(tmp_path, model):
+    names = convert.save_hf(tmp_path, CFG, model[1], shard_size="3KB")
+    index = json.loads((tmp_path / convert.INDEX_FILE).read_text())
+    assert len(names) > 3 and sorted(set(index["weight_map"].values())) == sorted(names)
+    shards = [load_file(tmp_path / n) for n in names]
+    sizes = [sum(t.nbytes for t in shard.values()) for shard in shards]
+    assert index["metadata"]["total_size"] == sum(sizes)
+    assert all(size <= 3000 or len(shard) == 1 for size, shard in zip(sizes, shards))
+    _same(convert.load_hf(tmp_path)[2], model[1])
+    (tmp_path / names[-1]).unlink()
+    with pytest.raises(CheckpointError, match=f"shard '{names[-1]}'.*not found"):
+        convert.load_hf(tmp_path)
+
+
+def test_save_hf_refuses_non_empty_output_unless_overwrite(hf_dir, model):
+    with pytest.raises(CheckpointError, match="not empty"):
+        convert.save_hf(hf_dir, CFG, model[1])
+    convert.save_hf(hf_dir, CFG, model[1], overwrite=True, shard_size="3KB")
+    assert not (hf_dir / "model.safetensors").exists()  # stale single file removed
+    _same(convert.load_hf(hf_dir)[2], model[1])
+
+
+def test_save_hf_rejects_params_of_another_config(tmp_path, model):
+    with pytest.raises(CheckpointError, match="trunk/embed/embedding.*shape"):
+        convert.save_hf(tmp_path, CFG.replace(vocab_size=40), model[1])
+
+
+@pytest.mark.parametrize("size, expected", [(1000, 1000), ("5GB", 5 * 10**9),
+                                            ("200MB", 2 * 10**8), ("2KiB", 2048)])
+def test_parse_size(size, expected):
+    assert convert.parse_size(size) == expected
+
+
+@pytest.mark.parametrize("size", ["big", "0", -1])
+def test_parse_size_rejects_bad_values(size):
+    with pytest.raises(CheckpointError, match="shard_size"):
+        convert.parse_size(size)
+
+
+# ------------------------------------------------------------------------ rlx folders
+
+
+@pytest.mark.parametrize("kind", ["policy", "value"])
+def test_rlx_folder_round_trips_any_kind(tmp_path, kind):
+    cfg = CFG.replace(rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=64))
+    _, params = api.init(cfg, kind=kind, seed=2)
+    convert.save_rlx(tmp_path, cfg, params, kind=kind)
+    keys = set(load_file(tmp_path / convert.RLX_PARAMS_FILE))
+    assert keys == set(api.param_paths(params))
+    config, graphdef, loaded = convert.load_rlx(tmp_path)
+    assert config == cfg
+    _same(loaded, params)
+    if kind == "value":
+        tokens = np.zeros((1, 3), np.int32)
+        assert api.values(graphdef, loaded, tokens).shape == (1, 3)
+
+
+def test_load_rlx_explains_a_hugging_face_folder(hf_dir):
+    with pytest.raises(CheckpointError, match="looks like a Hugging Face folder"):
+        convert.load_rlx(hf_dir)
+
+
+def test_unflatten_reports_missing_and_shape(model):
+    flat = convert.flatten_params(model[1])
+    with pytest.raises(CheckpointError, match=r"missing parameters \['trunk/final_norm"):
+        convert.unflatten_params(CFG, {k: v for k, v in flat.items()
+                                       if k != "trunk/final_norm/scale"})
+    bad = dict(flat, **{"trunk/final_norm/scale": np.ones(3, np.float32)})
+    with pytest.raises(CheckpointError, match=r"'trunk/final_norm/scale' has shape \(3,\)"):
+        convert.unflatten_params(CFG, bad)

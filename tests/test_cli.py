@@ -1,0 +1,118 @@
+"""The `rlx` console script: registry, help, and `rlx convert` round trips."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from rlx import cli
+from rlx.models import api, convert
+from rlx.models.config import ModelConfig
+
+CFG = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=1,
+                  num_heads=2, num_kv_heads=1, qkv_bias=True, tie_embeddings=True)
+
+
+def test_help_runs_as_a_console_script():
+    """`rlx --help` through the installed entry point (module form as a fallback)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "rlx")
+    cmd = [exe, "--help"] if os.path.exists(exe) else [sys.executable, "-m", "rlx.cli",
+                                                        "--help"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "convert" in out.stdout and "usage: rlx" in out.stdout
+
+
+def test_no_subcommand_prints_help_and_fails(capsys):
+    assert cli.main([]) == 2
+    assert "usage: rlx" in capsys.readouterr().err
+    assert cli.main(["convert"]) == 2
+    assert "hf-to-rlx" in capsys.readouterr().err
+
+
+def test_missing_required_argument_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["convert", "hf-to-rlx", "--out", "x"])
+    assert e.value.code == 2 and "--hf_dir" in capsys.readouterr().err
+
+
+def test_registry_adds_subcommands(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_REGISTRY", dict(cli._REGISTRY))
+    seen = {}
+
+    @cli.register("echo", help="print a word")
+    def _configure(parser):
+        parser.add_argument("--word", default="hi")
+        parser.set_defaults(run=lambda args: seen.setdefault("word", args.word) and 3)
+
+    assert "echo" in cli.commands()
+    assert cli.main(["echo", "--word", "yo"]) == 3 and seen == {"word": "yo"}
+    with pytest.raises(ValueError, match="already registered"):
+        cli.register("echo", help="again")(lambda parser: None)
+
+
+def test_convert_round_trips_hf_rlx_hf(tmp_path, capsys):
+    _, params = api.init(CFG, seed=5)
+    hf = tmp_path / "hf"
+    convert.save_hf(hf, CFG, params)
+    (hf / "tokenizer.json").write_text("{}")
+    assert cli.main(["convert", "hf-to-rlx", "--hf_dir", str(hf),
+                     "--out", str(tmp_path / "rlx")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "rlx" / "config.json").read_text())
+    assert meta["rlx_format"] == convert.RLX_FORMAT and meta["kind"] == "policy"
+    assert (tmp_path / "rlx" / "tokenizer.json").exists()
+    assert cli.main(["convert", "rlx-to-hf", "--rlx-dir", str(tmp_path / "rlx"),
+                     "--out", str(tmp_path / "hf2"), "--shard_size", "2KB"]) == 0
+    assert (tmp_path / "hf2" / convert.INDEX_FILE).exists()
+    assert (tmp_path / "hf2" / "tokenizer.json").exists()
+    config, _, back = convert.load_hf(tmp_path / "hf2")
+    assert config == CFG
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+def test_convert_writes_requested_dtype(tmp_path):
+    _, params = api.init(CFG, seed=5)
+    convert.save_rlx(tmp_path / "rlx", CFG, params)
+    assert cli.main(["convert", "rlx-to-hf", "--rlx_dir", str(tmp_path / "rlx"),
+                     "--out", str(tmp_path / "hf"), "--dtype", "bfloat16"]) == 0
+    dtypes = {str(t.dtype) for t in load_file(tmp_path / "hf" / "model.safetensors").values()}
+    assert dtypes == {"bfloat16"}
+    assert cli.main(["convert", "hf-to-rlx", "--hf_dir", str(tmp_path / "hf"),
+                     "--out", str(tmp_path / "rlx16"), "--dtype", "bfloat16"]) == 0
+    assert convert.load_rlx(tmp_path / "rlx16")[0].param_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("make, args, match", [
+    (lambda d: None, ["hf-to-rlx", "--hf_dir", "{d}/missing"], "does not exist"),
+    (lambda d: d.mkdir(), ["hf-to-rlx", "--hf_dir", "{d}"], "has no config.json"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text(
+        json.dumps({"architectures": ["BertModel"]}))),
+     ["hf-to-rlx", "--hf_dir", "{d}"], "unsupported architecture"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"]}))),
+     ["rlx-to-hf", "--rlx_dir", "{d}"], "looks like a Hugging Face folder"),
+])
+def test_convert_bad_folders_give_one_line_errors(tmp_path, capsys, make, args, match):
+    src = tmp_path / "src"
+    make(src)
+    argv = ["convert"] + [a.format(d=src) for a in args] + ["--out", str(tmp_path / "o")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rlx: error: ") and match in err and "Traceback" not in err
+
+
+def test_convert_refuses_to_overwrite(tmp_path, capsys):
+    _, params = api.init(CFG, seed=5)
+    convert.save_hf(tmp_path / "hf", CFG, params)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    argv = ["convert", "hf-to-rlx", "--hf_dir", str(tmp_path / "hf"), "--out",
+            str(tmp_path / "out")]
+    assert cli.main(argv) == 2 and "not empty" in capsys.readouterr().err
+    assert cli.main(argv + ["--overwrite"]) == 0

@@ -10,7 +10,7 @@ from rlx.rewards.countdown import ExpressionError, countdown_reward, evaluate_ex
 from rlx.rewards.exact import numeric_exact_match
 from rlx.rewards.extract import extract_answer, extract_boxed, parse_number
 from rlx.rewards.format import format_reward
-from rlx.rewards.math_answer import available_backend, math_answer, sympy_equal
+from rlx.rewards.math_check import available_backend, math_answer, sympy_equal
 from rlx.rewards.pool import RewardPool, RewardResult
 from rlx.rewards.sorting import sorting_reward
 from rlx.rewards.spec import (

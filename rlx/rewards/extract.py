@@ -102,10 +102,10 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
-def extract_answer(text: str) -> str | None:
+def extract_answer(text: str, *, last_number: bool = True) -> str | None:
     """The final answer of a completion: the last ``\\boxed{}``; else the rest of the line
-    after the last ``answer:`` / ``answer is`` / ``####``; else the last number. None if
-    nothing is found."""
+    after the last ``answer:`` / ``answer is`` / ``####``; else (if ``last_number``) the
+    last number. None if nothing is found."""
     boxed = extract_boxed(text)
     if boxed is not None:
         return boxed
@@ -114,6 +114,8 @@ def extract_answer(text: str) -> str | None:
         rest = text[marks[-1].end() :].split("\n", 1)[0].strip()
         if rest:
             return rest.rstrip(".").strip() or rest
+    if not last_number:
+        return None
     last = None
     for last in _LAST_NUMBER.finditer(text):
         pass

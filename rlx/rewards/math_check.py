@@ -6,7 +6,9 @@ equals ``problem.answer``:
 1. The answer is extracted by ``rlx.rewards.extract.extract_answer`` (last
    ``\\boxed{...}`` with nested braces, else text after the last ``answer:`` / ``answer
    is`` / ``####``, else the last number). No answer scores 0. The reference answer is
-   parsed the same way when it is not a bare number (``"#### 72"``, ``"\\boxed{72}"``).
+   parsed the same way when it is not a bare number (``"#### 72"``, ``"\\boxed{72}"``),
+   except that it never falls back to its last number (``"\\frac{1}{\\sqrt{2}}"`` stays
+   whole).
 2. If both parse as numbers (``parse_number``: decimals, ``3/4``, ``\\frac{3}{4}``,
    ``1,234``) they are compared exactly as rationals, with tolerance
    ``|a-b| <= max(rel_tol·max(|a|,|b|), abs_tol)``.
@@ -86,6 +88,7 @@ def latex_to_python(s: str) -> str:
                 s = f"{s[:i]}(({a})/({b})){s[k:]}"
     s = s.replace("{", "(").replace("}", ")")
     s = re.sub(r"(?<=[0-9)])(?=[A-Za-z(])", "*", s)  # implicit multiplication: 2x, 2(3), )(
+    s = re.sub(r"(?<![A-Za-z])([A-Za-z])\(", r"\1*(", s)  # x(x+1); sqrt( stays a call
     return s
 
 
@@ -199,10 +202,8 @@ def math_answer(
     gold = str(problem.answer).strip()
     gold_num = parse_number(gold)
     if gold_num is None:
-        extracted = extract_answer(gold)
-        if extracted is not None and extracted != gold:
-            gold = extracted
-            gold_num = parse_number(gold)
+        gold = extract_answer(gold, last_number=False) or gold
+        gold_num = parse_number(gold)
     if pred is None:
         return 0.0
     pred_num = parse_number(pred)

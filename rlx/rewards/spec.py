@@ -131,6 +131,8 @@ def check_score(name: str, value: Any) -> float:
     """``float(value)``, raising ValueError for a non-number or a non-finite number."""
     if isinstance(value, (bool, np.bool_)):
         return float(value)
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"reward {name!r} returned {type(value).__name__}, expected a float")
     try:
         out = float(value)
     except (TypeError, ValueError):

@@ -1,0 +1,76 @@
+"""Numeric exact match, format reward and sorting checker."""
+
+import time
+
+import pytest
+
+from rlx.rewards import format_reward, numeric_exact_match, sorting_reward
+from rlx.tasks import Problem
+
+ADVERSARIAL = [
+    "",
+    "9" * 100_000,
+    "1" * 1_000_000,
+    "٣٤",
+    "１２",
+    "__import__('os').system('echo hi')",
+    "\x00\x01\x02",
+    "1 " * 500_000,
+    "\n" * 100_000,
+]
+
+
+def _timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    assert time.perf_counter() - start < 1.0
+    return out
+
+
+def test_numeric_exact_match_accepts_only_the_exact_number():
+    p = Problem("12+30=", "42", {})
+    assert numeric_exact_match("42", p) == 1.0
+    assert numeric_exact_match(" 42\n", p) == 1.0
+    assert numeric_exact_match("42.0", p) == 1.0
+    assert numeric_exact_match("43", p) == 0.0
+    assert numeric_exact_match("42 is the answer", p) == 0.0
+    assert numeric_exact_match("-42", p) == 0.0
+    assert numeric_exact_match("1/2", Problem("", "0.5", {})) == 1.0
+
+
+def test_numeric_exact_match_rejects_a_non_numeric_reference():
+    with pytest.raises(ValueError, match="problem.answer 'forty'"):
+        numeric_exact_match("40", Problem("", "forty", {}))
+
+
+@pytest.mark.parametrize("completion", ADVERSARIAL)
+def test_numeric_exact_match_adversarial(completion):
+    assert _timed(numeric_exact_match, completion, Problem("", "34", {})) == 0.0
+
+
+def test_format_reward_fullmatches_the_stripped_completion():
+    p = Problem("", "", {})
+    assert format_reward(" 123 ", p, pattern=r"-?[0-9]+") == 1.0
+    assert format_reward("12a", p, pattern=r"-?[0-9]+") == 0.0
+    assert format_reward("١٢", p, pattern=r"[\d]+") == 0.0  # ASCII classes
+    assert format_reward("1" * 20_000, p, pattern=r"[0-9]+") == 0.0  # over max_chars
+
+
+@pytest.mark.parametrize("completion", ADVERSARIAL)
+def test_format_reward_adversarial(completion):
+    assert _timed(format_reward, completion, Problem("", "", {}), pattern=r"[0-9]+( [0-9]+)*") in (0.0, 1.0)
+
+
+def test_sorting_reward_checks_order_and_values():
+    p = Problem("Sort 34 2 17:", "2 17 34", {})
+    assert sorting_reward("2 17 34", p) == 1.0
+    assert sorting_reward("2, 17, 34\nbecause...", p) == 1.0
+    assert sorting_reward("2 34 17", p) == 0.0
+    assert sorting_reward("2 17", p) == 0.0
+    assert sorting_reward("2 17 34 34", p) == 0.0
+    assert sorting_reward("sorted: 2 17 34", p) == 0.0
+
+
+@pytest.mark.parametrize("completion", ADVERSARIAL)
+def test_sorting_reward_adversarial(completion):
+    assert _timed(sorting_reward, completion, Problem("", "2 17 34", {})) == 0.0

@@ -68,7 +68,8 @@ def reference(logits: jax.Array, targets: jax.Array, *, temperature: float = 1.0
     t = jnp.clip(targets, 0, v - 1).astype(jnp.int32)
     logp = jnp.take_along_axis(logp_all, t[..., None], axis=-1)[..., 0]
     p = jnp.exp(logp_all)
-    ent = -jnp.sum(jnp.where(p > 0, p * logp_all, 0.0), axis=-1)
+    # double where: p·log p is 0 (value and gradient) where p == 0 (−inf logits)
+    ent = -jnp.sum(jnp.where(p > 0, p * jnp.where(p > 0, logp_all, 0.0), 0.0), axis=-1)
     return logp, ent
 
 
@@ -378,6 +379,11 @@ def _from_hidden_bwd(cfg, res, g):
     n_vocab = w.shape[1]
     chunk = min(cfg.bwd_chunk, n_vocab)
     n_chunks = pl.cdiv(n_vocab, chunk)
+    if cfg.block_v > chunk:  # keep the tile inside the chunk (power of two ≥ 128 if chunk ≥ 128)
+        bv = 1 << (chunk.bit_length() - 1)
+        if cfg.kind == "tpu" and bv % 128:
+            bv = chunk  # full-extent block, legal on TPU
+        cfg = dataclasses.replace(cfg, block_v=bv)
     col_ids = jnp.arange(chunk, dtype=jnp.int32)
 
     def body(carry, c):
@@ -412,6 +418,12 @@ _DEFAULTS = {
 }
 
 
+def _default_bwd_chunk(n: int, itemsize: int) -> int:
+    """Largest multiple of 128 columns with N·chunk·(4 + itemsize) ≤ 256 MiB (≥ 128)."""
+    per_col = max(n, 1) * (4 + itemsize)
+    return max(128, (_BWD_SCRATCH_BYTES // per_col) // 128 * 128)
+
+
 def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
@@ -442,8 +454,7 @@ def _make_config(kind, interpret, temperature, n, n_vocab, itemsize, from_hidden
                     f"block_d >= 16 (tl.dot), got {block_n}, {block_v}, {block_d}"
                 )
     if bwd_chunk is None:
-        per_col = max(n, 1) * (4 + itemsize)
-        bwd_chunk = max(block_v, (_BWD_SCRATCH_BYTES // per_col) // block_v * block_v)
+        bwd_chunk = _default_bwd_chunk(n, itemsize)
     if not isinstance(bwd_chunk, int) or bwd_chunk <= 0:
         raise ValueError(f"bwd_chunk must be a positive int, got {bwd_chunk!r}")
     return _Config(kind, interpret, float(temperature), block_n, block_v, block_d,
@@ -587,8 +598,7 @@ def scratch_bytes(n: int, n_vocab: int, d_model: int | None = None, *,
     at least one).
     """
     if bwd_chunk is None:
-        per_col = max(n, 1) * (4 + itemsize)
-        bwd_chunk = max(block_v, (_BWD_SCRATCH_BYTES // per_col) // block_v * block_v)
+        bwd_chunk = _default_bwd_chunk(n, itemsize)
     out = {
         "kernel_fwd": 2 * block_n * block_v * itemsize + 4 * 4 * block_n,
         "kernel_residuals": 2 * 4 * n,

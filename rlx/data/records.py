@@ -29,6 +29,7 @@ different deterministic permutation. ``records_iterator`` returns the grain
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -135,8 +136,8 @@ def read_records(
     return out
 
 
-def _with_epoch(record, epoch: int):
-    return dataclasses.replace(record, meta={**record.meta, "epoch": epoch})
+def _with_epoch(index: int, record, *, length: int):
+    return dataclasses.replace(record, meta={**record.meta, "epoch": index // length})
 
 
 @gin.configurable(module="rlx.data")
@@ -185,7 +186,9 @@ def records_dataset(
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
-    return ds.map_with_index(lambda i, r: _with_epoch(r, i // n))
+    # A partial of a module-level function (not a lambda) keeps the pipeline picklable
+    # for grain's multiprocessing prefetch.
+    return ds.map_with_index(functools.partial(_with_epoch, length=n))
 
 
 def records_iterator(paths, **kwargs) -> grain.DatasetIterator:

@@ -83,7 +83,9 @@ def has_chat_template(tokenizer: Any) -> bool:
     return getattr(tokenizer, "chat_template", True) is not None
 
 
-def chat_messages(prompt: str | Sequence[Mapping[str, str]], *, system: str | None = None) -> list[dict[str, str]]:
+def chat_messages(
+    prompt: str | Sequence[Mapping[str, str]], *, system: str | None = None
+) -> list[dict[str, str]]:
     """A user prompt (or an existing message list) as chat messages, system first."""
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]

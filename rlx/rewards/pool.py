@@ -216,6 +216,7 @@ class RewardPool:
         self.chunk_size = chunk_size
         self.kill_grace_s = float(kill_grace_s)
         self.restarts = 0
+        self._next_chunk_id = 1
         self._closed = False
         self._workers: list[Any] = []
         payload = None
@@ -336,14 +337,15 @@ class RewardPool:
         size = self.chunk_size or max(1, math.ceil(b / (4 * self.num_workers)))
         pending = collections.deque(list(range(i, min(i + size, b))) for i in range(0, b, size))
         busy: dict[int, list] = {}  # worker slot -> [chunk_id, indices, last_progress, since]
-        next_id = 1
         poll = min(0.05, self.timeout_s / 4)
         deadline_s = self.timeout_s + self.kill_grace_s
         while pending or busy:
             for slot, w in enumerate(self._workers):
                 if slot not in busy and pending:
                     idx = pending.popleft()
-                    chunk_id, next_id = next_id, (next_id + 1) % 2**31 or 1
+                    # Ids are unique across calls, so stale progress never matches.
+                    chunk_id = self._next_chunk_id
+                    self._next_chunk_id = self._next_chunk_id % (2**31 - 1) + 1
                     try:
                         w.conn.send((chunk_id, [items[i] for i in idx]))
                     except OSError:
@@ -359,7 +361,8 @@ class RewardPool:
                 try:
                     msg = conn.recv()
                 except (EOFError, OSError):
-                    self._lost(slot, busy.pop(slot), FAILED, "worker process died", pending, values, status, errors)
+                    entry = busy.pop(slot)
+                    self._lost(slot, entry, FAILED, "worker process died", pending, values, status, errors)
                     continue
                 if msg[0] == "ready":
                     continue
@@ -378,8 +381,8 @@ class RewardPool:
                     entry[2], entry[3] = seen, now
                 elif now - entry[3] > deadline_s:
                     busy.pop(slot)
-                    self._lost(slot, entry, TIMED_OUT, f"timed out after {self.timeout_s:g}s (worker killed)",
-                               pending, values, status, errors)
+                    reason = f"timed out after {self.timeout_s:g}s (worker killed)"
+                    self._lost(slot, entry, TIMED_OUT, reason, pending, values, status, errors)
 
     def _lost(self, slot, entry, kind, reason, pending, values, status, errors) -> None:
         """A worker hung or died mid-chunk: blame the running call, resend the rest."""

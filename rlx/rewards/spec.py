@@ -74,7 +74,8 @@ class RewardComponent:
     fn: Callable[..., float] | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
-        if not isinstance(self.weight, (int, float)) or isinstance(self.weight, bool) or not math.isfinite(self.weight):
+        w = self.weight
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
             raise ValueError(f"reward {self.name!r}: weight must be a finite number, got {self.weight!r}")
         if self.fn is None:
             object.__setattr__(self, "fn", get_reward(self.name))

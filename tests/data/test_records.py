@@ -94,6 +94,38 @@ def test_parquet_rows_are_read_and_validated_when_pyarrow_is_installed(tmp_path)
         read_records(path)
 
 
+def test_parquet_rows_go_through_the_same_validation(tmp_path, monkeypatch):
+    """A stand-in for pyarrow (not installed here) exercises the Parquet row path."""
+    import types
+
+    rows = {"good.parquet": [{"prompt": "a", "answer": 1}], "bad.parquet": [{"prompt": "a", "answer": "1"}, {"prompt": "b"}]}
+
+    class Table:
+        def __init__(self, path):
+            self.path = path
+
+        def to_pylist(self):
+            return rows[self.path.rsplit("/", 1)[-1]]
+
+    parquet = types.ModuleType("pyarrow.parquet")
+    parquet.read_table = Table
+    pyarrow = types.ModuleType("pyarrow")
+    pyarrow.parquet = parquet
+    monkeypatch.setitem(sys.modules, "pyarrow", pyarrow)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", parquet)
+    (p,) = read_records(tmp_path / "good.parquet")
+    assert (p.prompt, p.answer, p.meta["line"]) == ("a", "1", 1)
+    with pytest.raises(RecordError, match=r"bad.parquet row 2: missing field 'answer'"):
+        read_records(tmp_path / "bad.parquet")
+
+
+def test_pipeline_is_picklable_for_multiprocess_readers(prompts):
+    import pickle
+
+    ds = pickle.loads(pickle.dumps(records_dataset(prompts, seed=1, num_epochs=1)))
+    assert [r.prompt for r in ds] == _prompts(records_iterator(prompts, seed=1, num_epochs=1))
+
+
 def _prompts(items):
     return [r.prompt for r in items]
 

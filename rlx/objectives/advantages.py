@@ -38,15 +38,31 @@ def _group_rewards(name: str, rewards: Array, min_group: int = 2):
     return jnp.where(valid, r, 0.0), valid
 
 
-def _group_mean_std(r: Array, valid: Array, *, unbiased: bool):
-    """Per-group mean and std over valid entries of ``[P, G]`` (last axis)."""
+def _group_shift(r: Array, valid: Array) -> Array:
+    """Per-group shift (max valid value, 0 if none) subtracted before summing.
+
+    Group baselines are shift-invariant; summing r − shift makes a constant group give
+    deviations of exactly 0 (a float32 mean of equal values is not always exact, and
+    eps-scaled rounding noise would otherwise become O(0.1) advantages).
+    """
+    hi = jnp.max(jnp.where(valid, r, -jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(jnp.isfinite(hi), hi, 0.0)
+
+
+def _group_center(r: Array, valid: Array, *, unbiased: bool):
+    """Per-group deviations r − mean_G, group std and mean over valid entries (last axis).
+
+    Deviations are 0 at invalid entries and exactly 0 for constant groups.
+    """
     w = valid.astype(r.dtype)
     n = jnp.sum(w, axis=-1, keepdims=True)
-    mean = jnp.sum(r * w, axis=-1, keepdims=True) / jnp.maximum(n, 1.0)
-    dev = jnp.where(valid, r - mean, 0.0)
+    shift = _group_shift(r, valid)
+    rs = jnp.where(valid, r - shift, 0.0)
+    mean_s = jnp.sum(rs, axis=-1, keepdims=True) / jnp.maximum(n, 1.0)
+    dev = jnp.where(valid, rs - mean_s, 0.0)
     ddof = 1.0 if unbiased else 0.0
     var = jnp.sum(dev * dev, axis=-1, keepdims=True) / jnp.maximum(n - ddof, 1.0)
-    return mean, jnp.sqrt(var)
+    return dev, jnp.sqrt(var), shift + mean_s
 
 
 # ---------------------------------------------------------------- group baselines
@@ -66,8 +82,7 @@ def grpo_advantages(
     are all equal gets zero advantage. rewards: [P, G], G ≥ 2. Returns [P, G].
     """
     r, valid = _group_rewards("rewards", rewards)
-    mean, std = _group_mean_std(r, valid, unbiased=unbiased_std)
-    adv = r - mean
+    adv, std, _ = _group_center(r, valid, unbiased=unbiased_std)
     if scale_by_std:
         adv = adv / (std + eps)
     return jnp.where(valid, adv, 0.0)
@@ -88,9 +103,9 @@ def batch_std_advantages(
     global under data parallelism (rewards sharded over prompts). Returns [P, G].
     """
     r, valid = _group_rewards("rewards", rewards)
-    mean, _ = _group_mean_std(r, valid, unbiased=False)
+    dev, _, _ = _group_center(r, valid, unbiased=False)
     mom = masked_moments(r, valid, unbiased=unbiased_std, axis_name=axis_name)
-    return jnp.where(valid, (r - mean) / (jnp.sqrt(mom.var) + eps), 0.0)
+    return jnp.where(valid, dev / (jnp.sqrt(mom.var) + eps), 0.0)
 
 
 def rloo_advantages(rewards: Array) -> Array:
@@ -102,8 +117,9 @@ def rloo_advantages(rewards: Array) -> Array:
     r, valid = _group_rewards("rewards", rewards)
     w = valid.astype(r.dtype)
     n = jnp.sum(w, axis=-1, keepdims=True)
-    total = jnp.sum(r * w, axis=-1, keepdims=True)
-    adv = r - (total - r) / jnp.maximum(n - 1.0, 1.0)
+    rs = jnp.where(valid, r - _group_shift(r, valid), 0.0)
+    total = jnp.sum(rs, axis=-1, keepdims=True)
+    adv = rs - (total - rs) / jnp.maximum(n - 1.0, 1.0)
     return jnp.where(valid & (n >= 2), adv, 0.0)
 
 
@@ -132,10 +148,10 @@ def opo_advantages(rewards: Array, lengths: Array) -> Array:
     check_shape("lengths", lengths, r.shape)
     w = jnp.where(valid, lengths, 0.0)
     tot = jnp.sum(w, axis=-1, keepdims=True)
-    weighted = jnp.sum(w * r, axis=-1, keepdims=True) / jnp.where(tot > 0, tot, 1.0)
-    mean, _ = _group_mean_std(r, valid, unbiased=False)
-    baseline = jnp.where(tot > 0, weighted, mean)
-    return jnp.where(valid, r - baseline, 0.0)
+    dev, _, _ = _group_center(r, valid, unbiased=False)
+    rs = jnp.where(valid, r - _group_shift(r, valid), 0.0)
+    weighted = rs - jnp.sum(w * rs, axis=-1, keepdims=True) / jnp.where(tot > 0, tot, 1.0)
+    return jnp.where(valid, jnp.where(tot > 0, weighted, dev), 0.0)
 
 
 def pass_at_k_advantages(
@@ -182,7 +198,7 @@ def pass_at_k_advantages(
             prod = prod * jnp.maximum(n - c - i, 0.0) / (n - 1 - i)
         adv = jnp.where(correct, (k / n) * prod, 0.0)
     if normalize_std:
-        _, std = _group_mean_std(r, valid, unbiased=unbiased_std)
+        _, std, _ = _group_center(r, valid, unbiased=unbiased_std)
         adv = adv / (std + eps)
     return jnp.where(valid, adv, 0.0)
 
@@ -232,7 +248,8 @@ def discounted_returns(token_rewards: Array, mask: Array, *, gamma: float = 1.0)
         g = r_t + gamma * carry
         return g, g
 
-    _, rets = jax.lax.scan(step, jnp.zeros(x.shape[0], x.dtype), xr.T, reverse=True)
+    init = jnp.zeros_like(xr[:, 0])  # zeros_like keeps shard_map's varying type
+    _, rets = jax.lax.scan(step, init, xr.T, reverse=True)
     return jnp.where(m, rets.T, 0.0)
 
 
@@ -325,8 +342,9 @@ def gae(
         new = (jnp.where(m_t, v_t, next_v), jnp.where(m_t, a_t, next_a))
         return new, jnp.where(m_t, a_t, 0.0)
 
-    zeros = jnp.zeros(r.shape[0], r.dtype)
-    xs = (jnp.where(m, r, 0.0).T, jnp.where(m, v, 0.0).T, m.T)
+    rm, vm = jnp.where(m, r, 0.0), jnp.where(m, v, 0.0)
+    zeros = jnp.zeros_like(rm[:, 0] + vm[:, 0])  # keeps shard_map's varying type
+    xs = (rm.T, vm.T, m.T)
     _, adv = jax.lax.scan(step, (zeros, zeros), xs, reverse=True)
     adv = adv.T
     return adv, jnp.where(m, adv + v, 0.0)
@@ -364,10 +382,10 @@ def bnpo_advantages(
         raise ValueError(f"r_max must exceed r_min, got r_min={r_min}, r_max={r_max}")
     r, valid = _group_rewards("rewards", rewards)
     rt = jnp.clip((r - r_min) / (r_max - r_min), 0.0, 1.0)
-    p, _ = _group_mean_std(rt, valid, unbiased=False)
+    dev, _, p = _group_center(rt, valid, unbiased=False)
     inv = _beta_inv_pdf(p, jnp.asarray(alpha, rt.dtype), jnp.asarray(beta, rt.dtype),
                         max_inv_density)
-    return jnp.where(valid, (rt - p) * inv, 0.0)
+    return jnp.where(valid, dev * inv, 0.0)
 
 
 @struct.dataclass
@@ -420,7 +438,7 @@ def bnpo_update(
         raise ValueError(f"r_max must exceed r_min, got r_min={r_min}, r_max={r_max}")
     r, valid = _group_rewards("rewards", rewards)
     rt = jnp.clip((r - r_min) / (r_max - r_min), 0.0, 1.0)
-    p, _ = _group_mean_std(rt, valid, unbiased=False)
+    _, _, p = _group_center(rt, valid, unbiased=False)
     p = p[:, 0]
     has = jnp.any(valid, axis=-1)
     mom = masked_moments(p, has, unbiased=True)
@@ -473,8 +491,8 @@ def gdpo_advantages(
     ct = jnp.moveaxis(c, 2, 0)  # [K, P, G]
     valid = jnp.isfinite(ct)
     ct = jnp.where(valid, ct, 0.0)
-    mean, std = _group_mean_std(ct, valid, unbiased=unbiased_std)
-    per = jnp.where(valid, (ct - mean) / (std + eps), 0.0)
+    dev, std, _ = _group_center(ct, valid, unbiased=unbiased_std)
+    per = jnp.where(valid, dev / (std + eps), 0.0)
     s = jnp.einsum("k,kpg->pg", w, per)
     mom = masked_moments(s, jnp.ones_like(s, bool), unbiased=unbiased_std,
                          axis_name=axis_name)

@@ -181,7 +181,8 @@ def masked_moments(
     """Mean and variance of ``x`` over entries where ``mask`` is nonzero.
 
     mean = Σ m·x / Σ m;  var = Σ m·(x − mean)² / (Σ m − ddof), ddof = 1 if ``unbiased``.
-    Two passes (exact, no catastrophic cancellation). With ``axis_name`` (inside
+    Two passes over data shifted by its max (no catastrophic cancellation; a constant
+    input gives exactly var = 0). With ``axis_name`` (inside
     ``shard_map``/``pmap``) the sums and the count are ``lax.psum``-reduced, so the
     moments are those of the global batch, whatever its split across devices.
     Entries outside the mask may hold anything (NaN included). An empty mask gives
@@ -191,8 +192,15 @@ def masked_moments(
     m = jnp.broadcast_to(jnp.asarray(mask), x.shape).astype(bool)
     w = m.astype(x.dtype)
     count = _psum(jnp.sum(w), axis_name)
-    mean = _psum(jnp.sum(jnp.where(m, x, 0.0)), axis_name) / jnp.maximum(count, 1.0)
-    dev = jnp.where(m, x - mean, 0.0)
+    # shift by the (global) max so that constant inputs give exactly mean = x, var = 0
+    shift = jnp.max(jnp.where(m, x, -jnp.inf))
+    if axis_name is not None:
+        shift = jax.lax.pmax(shift, axis_name)
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    xs = jnp.where(m, x - shift, 0.0)
+    mean_s = _psum(jnp.sum(xs), axis_name) / jnp.maximum(count, 1.0)
+    dev = jnp.where(m, xs - mean_s, 0.0)
+    mean = shift + mean_s
     ddof = 1.0 if unbiased else 0.0
     var = _psum(jnp.sum(dev * dev), axis_name) / jnp.maximum(count - ddof, 1.0)
     return Moments(mean=mean, var=var, count=count)

@@ -23,6 +23,10 @@ denominator never depends on the parameters, so the exact full-batch gradient is
 ``sum_mb grad(numerator_mb) / sum_mb denominator_mb``. ``LossOutput.loss`` is
 ``numerator / max(denominator, 1)`` of the batch the call saw (after a ``psum`` over
 ``axis_name`` when one is given), i.e. the full loss when the call sees the full batch.
+Under ``shard_map`` data parallelism pass ``axis_name``: ``jax.grad`` of ``loss`` is then
+exactly the full-batch gradient (tested), batch-global statistics (ratio variance, BAPO
+bounds, metrics) included. With sequential micro-batches, statistics that are not sums
+(R²VPO's Var̂, BAPO's bounds) are per micro-batch (global across devices).
 A batch with no valid token has numerator = denominator = 0 and therefore loss 0 and
 zero gradient (documented masking, never NaN).
 """

@@ -183,3 +183,44 @@ def test_group_advantages_filter_and_shaping():
     unfiltered = group_advantages(grpo_advantages, reward_shaping=lambda ln: -0.1 * ln)
     a = unfiltered(RewardBatch(rewards=rewards, mask=jnp.asarray(m), lengths=lengths)).advantages
     assert float(a[0, 0]) > float(a[1, 0]) > float(a[2, 0])
+
+
+_SHARD_MAP_SCRIPT = r'''
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as Ps
+import rlx.objectives as O
+rng = np.random.default_rng(0)
+old = jnp.asarray(-rng.random((4, 5)) * 2, jnp.float32)
+logp = old + 0.3 * jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
+m = jnp.asarray(rng.random((4, 5)) < .7, jnp.float32).at[:, 0].set(1.)
+adv = jnp.asarray(rng.normal(size=(4, 1)), jnp.float32) * m
+ref = old + 0.1
+mesh = jax.make_mesh((2,), ("d",))
+sh = lambda x: jax.device_put(x, NamedSharding(mesh, Ps("d")))
+for name in ("r2vpo", "bapo", "grpo"):
+    obj = O.PRESETS[name]()
+    st = obj.init()
+    def loss(lp, o, a, mm, r, axis_name=None):
+        return obj.loss(O.TokenOutputs(logp=lp), O.PolicyBatch(mask=mm, old_logp=o, advantages=a,
+                        ref_logp=r), st, axis_name=axis_name).loss
+    full_l, full_g = jax.value_and_grad(loss)(logp, old, adv, m, ref)
+    f = jax.shard_map(lambda *x: loss(*x, axis_name="d"), mesh=mesh, in_specs=(Ps("d"),) * 5,
+                      out_specs=Ps())
+    args = [sh(x) for x in (old, adv, m, ref)]
+    l, g = jax.jit(jax.value_and_grad(lambda lp: f(lp, *args)))(sh(logp))
+    np.testing.assert_allclose(float(l), float(full_l), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(full_g), rtol=1e-5, atol=1e-7)
+print("OK")
+'''
+
+
+def test_loss_and_gradient_exact_under_shard_map_data_parallelism():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]

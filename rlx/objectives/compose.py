@@ -54,13 +54,15 @@ def check_batch(outputs: TokenOutputs, batch: PolicyBatch) -> None:
         if x is not None and x.shape != shape:
             raise ValueError(f"{field} has shape {x.shape}, expected logp's shape {shape}")
     if batch.group_ids is not None and batch.group_ids.shape != shape[:1]:
-        raise ValueError(f"PolicyBatch.group_ids has shape {batch.group_ids.shape}, expected {shape[:1]}")
+        raise ValueError(
+            f"PolicyBatch.group_ids has shape {batch.group_ids.shape}, expected {shape[:1]}")
 
 
 def check_rewards(rb: RewardBatch) -> tuple[int, int]:
     """Shape checks of a RewardBatch; returns (P, G)."""
     if rb.rewards.ndim not in (2, 3):
-        raise ValueError(f"RewardBatch.rewards must be [P,G] or [P,G,K], got shape {rb.rewards.shape}")
+        raise ValueError(
+            f"RewardBatch.rewards must be [P,G] or [P,G,K], got shape {rb.rewards.shape}")
     p, g = rb.rewards.shape[:2]
     if rb.mask.ndim != 2 or rb.mask.shape[0] != p * g:
         raise ValueError(f"RewardBatch.mask has shape {rb.mask.shape}, expected [P*G={p * g}, T]")
@@ -109,7 +111,8 @@ def group_advantages(
             keep = zero_variance_group_mask(rb.rewards).astype(jnp.float32)  # [P]
             mask = mask * jnp.repeat(keep, g)[:, None]
             metrics["adv/kept_groups"] = keep.mean()
-        return AdvantageOutput(advantages=broadcast_to_tokens(adv, mask), mask=mask, metrics=metrics)
+        return AdvantageOutput(advantages=broadcast_to_tokens(adv, mask), mask=mask,
+                               metrics=metrics)
 
     return advantages
 
@@ -131,7 +134,8 @@ def compose(
     advantages: ``(RewardBatch) -> AdvantageOutput`` (e.g. ``group_advantages(...)``).
     aggregation: ``(loss [B,T], mask [B,T]) -> (numerator, denominator)``.
     regularizers: Regularizer terms with unique names; their states are ``state[name]``.
-    is_correction: optional ``(old_logp, sampler_logp, mask) -> (weights [B,T], frac)``
+    is_correction: optional
+        ``(old_logp, sampler_logp, mask, *, axis_name) -> (weights [B,T], frac)``
         (e.g. ``partial(truncated_is_weights, level="token", cap=2.)``) multiplying the
         surrogate per token; needs ``PolicyBatch.sampler_logp``.
     metric_eps: (ε_low, ε_high) of the trust band used by ``ratio_metrics``.
@@ -158,7 +162,7 @@ def compose(
         if is_correction is not None:
             if batch.sampler_logp is None:
                 raise ValueError("is_correction needs `PolicyBatch.sampler_logp`, which is None")
-            w, frac = is_correction(batch.old_logp, batch.sampler_logp, mask)
+            w, frac = is_correction(batch.old_logp, batch.sampler_logp, mask, axis_name=axis_name)
             tok = tok * w
             metrics["is/mean_weight"] = masked_mean(w, mask, axis_name=axis_name)
             metrics["is/frac_corrected"] = frac
@@ -181,11 +185,12 @@ def compose(
         metrics.update(masked_stats(batch.advantages, mask, prefix="adv", axis_name=axis_name))
         if outputs.entropy is not None:
             metrics["entropy/mean"] = masked_mean(sg(outputs.entropy), mask, axis_name=axis_name)
-        if info.clipped_low is not None:
-            metrics["surrogate/clip_frac_low"] = masked_mean(info.clipped_low, mask, axis_name=axis_name)
-        if info.clipped_high is not None:
-            metrics["surrogate/clip_frac_high"] = masked_mean(info.clipped_high, mask, axis_name=axis_name)
-        metrics.update({f"surrogate/{k}" if "/" not in k else k: v for k, v in info.scalars.items()})
+        for side in ("low", "high"):
+            ind = getattr(info, f"clipped_{side}")
+            if ind is not None:
+                metrics[f"surrogate/clip_frac_{side}"] = masked_mean(ind, mask, axis_name=axis_name)
+        for k, v in info.scalars.items():  # names without a prefix go under surrogate/
+            metrics[k if "/" in k else f"surrogate/{k}"] = v
         return LossOutput(loss=total, numerator=num, denominator=den, metrics=metrics)
 
     def update(state, metrics):

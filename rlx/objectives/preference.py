@@ -54,7 +54,8 @@ def dpo_loss(
     −(1−ε) log σ(βh) − ε log σ(−βh).
     """
     z = beta * _h(policy_chosen_logp, policy_rejected_logp, ref_chosen_logp, ref_rejected_logp)
-    return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+    ls = label_smoothing
+    return -(1.0 - ls) * jax.nn.log_sigmoid(z) - ls * jax.nn.log_sigmoid(-z)
 
 
 def ipo_loss(

@@ -1,7 +1,8 @@
 """Named objectives, each nothing but a ``compose`` call a user could have written.
 
 Every preset returns an :class:`Objective`; the constructors (only they) are
-``gin.configurable`` under the module ``rlx.objectives`` (e.g. ``rlx.objectives.dapo.eps_high = 0.3``).
+``gin.configurable`` under the module ``rlx.objectives``
+(e.g. ``rlx.objectives.dapo.eps_high = 0.3``).
 Rewards come in a :class:`RewardBatch` ([P,G] scalar rewards, [P,G,K] for ``gdpo``).
 Regularizers with a zero coefficient are left out, so presets without KL do not
 need ``ref_logp``.

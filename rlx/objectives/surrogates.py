@@ -57,7 +57,6 @@ def ppo_clip_loss(
     where A > 0 and r > 1+ε_high (``clipped_high``), where A < 0 and r < 1−ε_low
     (``clipped_low``), and where A < 0 and r > c (``scalars['dual_clip_frac']``).
     """
-    del axis_name
     m, a = _check(logp, old_logp, advantages, mask)
     eps_high = eps_low if eps_high is None else eps_high
     r = jnp.exp(log_ratio(logp, old_logp, m, clamp=clamp))
@@ -68,7 +67,8 @@ def ppo_clip_loss(
             raise ValueError(f"dual_clip must be > 1, got {dual_clip!r}")
         dual = (a < 0) & (r > dual_clip)
         loss = jnp.where(a < 0, jnp.minimum(loss, -a * dual_clip), loss)
-        scalars["dual_clip_frac"] = safe_div((dual * m).sum(), m.sum())
+        scalars["dual_clip_frac"] = safe_div(psum((dual * m).sum(), axis_name),
+                                             psum(m.sum(), axis_name))
     info = SurrogateInfo(
         clipped_low=((a < 0) & (r < 1.0 - eps_low)).astype(m.dtype) * m,
         clipped_high=((a > 0) & (r > 1.0 + eps_high)).astype(m.dtype) * m,
@@ -309,7 +309,7 @@ def bapo_loss(
     )
     loss, info = ppo_clip_loss(
         logp, old_logp, advantages, mask, eps_low=1.0 - c_low, eps_high=c_high - 1.0,
-        dual_clip=dual_clip, clamp=clamp,
+        dual_clip=dual_clip, clamp=clamp, axis_name=axis_name,
     )
     scalars = dict(info.scalars)
     scalars.update({
@@ -325,6 +325,7 @@ def truncated_is_weights(
     mode: str = "truncate",
     cap: float = 2.0,
     clamp: float = DEFAULT_LOG_RATIO_CLAMP,
+    axis_name: str | None = None,
 ):
     """Sampler/trainer mismatch correction w = π_old / π_sampler (no gradient).
 
@@ -333,7 +334,8 @@ def truncated_is_weights(
         ratios, log clamped at ±``clamp``), broadcast to row i's tokens.
     mode="truncate": w ← min(w, cap) (truncated IS, TIS);
     mode="mask": w ← w · 1[w ≤ cap] (masked IS: outlier tokens / sequences dropped).
-    Returns (weights [B,T] (0 on masked tokens), fraction of valid tokens affected).
+    Returns (weights [B,T] (0 on masked tokens), fraction of valid tokens affected,
+    global over ``axis_name``).
     """
     if level not in ("token", "sequence"):
         raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
@@ -350,4 +352,4 @@ def truncated_is_weights(
         w = jnp.broadcast_to(jnp.exp(jnp.clip(lr.sum(-1), -clamp, clamp))[:, None], lr.shape)
     over = (w > cap).astype(m.dtype)
     w = jnp.minimum(w, cap) if mode == "truncate" else w * (1.0 - over)
-    return w * m, safe_div((over * m).sum(), m.sum())
+    return w * m, safe_div(psum((over * m).sum(), axis_name), psum(m.sum(), axis_name))

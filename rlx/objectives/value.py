@@ -36,7 +36,9 @@ def clipped_value_loss(
     return 0.5 * jnp.maximum(unclipped, clipped) * m, (clipped > unclipped).astype(m.dtype) * m
 
 
-def value_loss(*, coef: float = 0.5, clip_eps: float | None = 0.2, name: str = "value") -> Regularizer:
+def value_loss(
+    *, coef: float = 0.5, clip_eps: float | None = 0.2, name: str = "value"
+) -> Regularizer:
     """Critic loss term coef·``clipped_value_loss``; needs TokenOutputs.values and
     PolicyBatch.old_values / returns. Metrics: ``{name}/loss``, ``{name}/clip_frac``."""
 
@@ -49,7 +51,8 @@ def value_loss(*, coef: float = 0.5, clip_eps: float | None = 0.2, name: str = "
         loss, clipped = clipped_value_loss(outputs.values, batch.old_values, batch.returns,
                                            batch.mask, clip_eps=clip_eps)
         metrics = {
-            f"{name}/loss": masked_mean(jax.lax.stop_gradient(loss), batch.mask, axis_name=axis_name),
+            f"{name}/loss": masked_mean(jax.lax.stop_gradient(loss), batch.mask,
+                                        axis_name=axis_name),
             f"{name}/clip_frac": masked_mean(clipped, batch.mask, axis_name=axis_name),
         }
         return coef * loss, None, metrics

@@ -224,3 +224,20 @@ def test_loss_and_gradient_exact_under_shard_map_data_parallelism():
     res = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_surrogate_and_is_metrics_are_global_under_axis_name():
+    logp, old, ref, ent, m, adv = _arrays(7)
+    obj = compose(advantages=group_advantages(grpo_advantages),
+                  surrogate=functools.partial(S.ppo_clip_loss, eps_low=0.1, dual_clip=1.1),
+                  is_correction=functools.partial(S.truncated_is_weights, cap=1.2))
+    sampler = old - 0.3 * np.sign(np.arange(B * T).reshape(B, T) % 3 - 1)
+    b = _batch(old, ref, m, adv).replace(sampler_logp=jnp.asarray(sampler, jnp.float32))
+    full = obj.loss(TokenOutputs(logp=jnp.asarray(logp)), b, obj.init())
+    assert 0.0 < float(full.metrics["surrogate/dual_clip_frac"]) < 1.0
+    assert 0.0 < float(full.metrics["is/frac_corrected"]) < 1.0
+    sh = lambda x: jnp.asarray(x).reshape(2, B // 2, T)  # noqa: E731
+    out = jax.vmap(lambda lp, bb: obj.loss(TokenOutputs(logp=lp), bb, obj.init(), axis_name="d"),
+                   axis_name="d")(sh(logp), jax.tree.map(sh, b))
+    for k in ("surrogate/dual_clip_frac", "is/frac_corrected", "is/mean_weight", "loss/total"):
+        np.testing.assert_allclose(out.metrics[k], float(full.metrics[k]), rtol=1e-5, err_msg=k)

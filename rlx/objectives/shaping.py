@@ -117,7 +117,8 @@ def repetition_loop_fraction(tokens: Array, mask: Array) -> Array:
         found = (m >= 1) & (2 * ell <= n)
         return jnp.where(found, n - (m + 1) * ell, start)
 
-    start = jax.lax.fori_loop(1, t // 2 + 1, body, n)
+    init = n + jnp.zeros_like(toks[:, 0], jnp.int32)  # keeps shard_map's varying type
+    start = jax.lax.fori_loop(1, t // 2 + 1, body, init)
     return jnp.where(n > 0, (n - start) / jnp.maximum(n, 1), 0.0).astype(jnp.float32)
 
 

@@ -121,3 +121,50 @@ def test_grpo_needs_reference_logps_for_its_kl():
     batch = O.PolicyBatch(mask=d["mask"], old_logp=d["old"], advantages=jnp.zeros_like(d["old"]))
     with pytest.raises(ValueError, match="ref_logp"):
         obj.loss(O.TokenOutputs(logp=d["logp"]), batch, obj.init())
+
+
+def _np_whiten(x, m):
+    v = x[m > 0]
+    return (x - v.mean()) / np.sqrt(max(v.var(), 1e-8)) * m
+
+
+def test_ppo_advantages_are_gae_on_outcome_minus_kl_rewards():
+    d = _data(5)
+    beta, gamma, lam = 0.1, 0.9, 0.8
+    obj = presets.ppo(kl_reward_coef=beta, gamma=gamma, lam=lam)
+    kl = d["old"] - d["ref"]
+    out = obj.advantages(O.RewardBatch(rewards=d["rewards"], mask=d["mask"], values=d["values"],
+                                       kl=kl))
+    m, v, R = (np.asarray(x, np.float64) for x in (d["mask"], d["values"], d["rewards"]))
+    R = R.reshape(-1)
+    adv = np.zeros_like(m)
+    for i in range(B):
+        n = int(m[i].sum())
+        r = -beta * np.asarray(kl, np.float64)[i, :n]
+        r[n - 1] += R[i]
+        nxt_v, nxt_a = 0.0, 0.0
+        for t in reversed(range(n)):
+            delta = r[t] + gamma * nxt_v - v[i, t]
+            adv[i, t] = nxt_a = delta + gamma * lam * nxt_a
+            nxt_v = v[i, t]
+    np.testing.assert_allclose(out.returns, (adv + v) * m, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.advantages, _np_whiten(adv, m), rtol=1e-4, atol=1e-5)
+
+
+def test_reinforce_pp_without_baseline_whitens_kl_shaped_returns():
+    d = _data(6)
+    obj = presets.reinforce_pp(baseline=False, kl_reward_coef=0.05, gamma=1.0)
+    kl = np.asarray(d["old"] - d["ref"], np.float64)
+    out = obj.advantages(O.RewardBatch(rewards=d["rewards"], mask=d["mask"], kl=jnp.asarray(kl)))
+    m = np.asarray(d["mask"], np.float64)
+    r = -0.05 * kl * m
+    last = m.sum(-1).astype(int) - 1
+    r[np.arange(B), last] += np.asarray(d["rewards"], np.float64).reshape(-1)
+    ret = np.cumsum(r[:, ::-1], axis=1)[:, ::-1] * m
+    np.testing.assert_allclose(out.advantages, _np_whiten(ret, m), rtol=1e-4, atol=1e-5)
+    base = presets.reinforce_pp().advantages(O.RewardBatch(rewards=d["rewards"], mask=d["mask"]))
+    R = np.asarray(d["rewards"], np.float64)
+    r = np.zeros_like(m)
+    r[np.arange(B), last] = (R - R.mean(1, keepdims=True)).reshape(-1)
+    ret = np.cumsum(r[:, ::-1], axis=1)[:, ::-1] * m
+    np.testing.assert_allclose(base.advantages, _np_whiten(ret, m), rtol=1e-4, atol=1e-5)

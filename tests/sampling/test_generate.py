@@ -9,6 +9,7 @@ from rlx.models import api
 from rlx.sampling import SamplerConfig, controls, decode, generate, prefill, prepare
 from rlx.sampling.generate import device_inputs
 
+GREEDY = SamplerConfig(max_new_tokens=8, temperature=0.0, return_policy_logprobs=True)
 SAMPLED = SamplerConfig(max_new_tokens=8, num_generations=2, return_policy_logprobs=True)
 TRUNCATED = SamplerConfig(max_new_tokens=8, num_generations=2, temperature=0.7, top_k=40,
                           top_p=0.9, min_p=0.01, forbidden_token_ids=(3, 4, 5),
@@ -26,8 +27,7 @@ def teacher_forced_logits(graphdef, params, rollout):
 def test_greedy_equals_step_by_step_argmax_of_the_full_forward(policy, prompts):
     _, graphdef, params = policy
     ids, mask = prompts
-    config = SamplerConfig(max_new_tokens=8, temperature=0.0)
-    out = generate(graphdef, params, ids, mask, key=jax.random.key(0), config=config)
+    out = generate(graphdef, params, ids, mask, key=jax.random.key(0), config=GREEDY)
     # reference: right-padded sequences, one cache-free forward per new token
     full = jax.jit(lambda t, m: api.logits(graphdef, params, t, None, m))
     seqs = np.zeros((3, 16), np.int32)

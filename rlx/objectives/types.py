@@ -88,8 +88,11 @@ class RewardBatch:
     mask: [B,T] completion mask, B = P * G, row ``p * G + g``.
     lengths: [B] completion lengths in tokens, or None (then ``mask.sum(-1)``).
     values: [B,T] critic values at rollout time (GAE), or None.
-    kl: [B,T] per-token KL penalty for the reward path (see
-        ``rlx.objectives.kl.kl_reward_penalty``), or None.
+    kl: [B,T] per-token KL estimate of the rollout for the reward path, or None, e.g.
+        ``kl.kl_reward_penalty(old_logp, ref_logp, mask, coef=1.0)``. Estimators multiply
+        it by their own coefficient (``kl_reward_coef`` in the presets); for an adaptive
+        coefficient (``kl.adaptive_kl_init/update`` tracked by the engine) pass
+        ``coef=β`` here and set the estimator's coefficient to 1.
     """
 
     rewards: Array

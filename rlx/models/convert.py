@@ -8,14 +8,16 @@ read with the numpy API of ``safetensors`` (memory-mapped, one tensor at a time)
 Name mapping (torch ``nn.Linear`` stores ``weight [out, in]``; rlx kernels are
 ``[in, out]``, so every ``*_proj`` and ``lm_head`` weight is transposed):
 
-  model.embed_tokens.weight [V, D]                     trunk/embed/embedding
-  model.layers.{i}.input_layernorm.weight              trunk/layers/{i}/input_norm/scale
-  model.layers.{i}.self_attn.{q,k,v}_proj.weight/.bias trunk/layers/{i}/attn/{q,k,v}_proj/kernel/bias
-  model.layers.{i}.self_attn.o_proj.weight             trunk/layers/{i}/attn/o_proj/kernel
-  model.layers.{i}.post_attention_layernorm.weight     trunk/layers/{i}/post_attn_norm/scale
-  model.layers.{i}.mlp.{gate,up,down}_proj.weight      trunk/layers/{i}/mlp/{gate,up,down}_proj/kernel
-  model.norm.weight                                    trunk/final_norm/scale
-  lm_head.weight [V, D]                                lm_head/kernel [D, V]  (untied only)
+  model.embed_tokens.weight [V, D]                 trunk/embed/embedding [V, D]
+  model.layers.{i}.input_layernorm.weight          trunk/layers/{i}/input_norm/scale
+  model.layers.{i}.self_attn.q_proj.weight, .bias  trunk/layers/{i}/attn/q_proj/kernel, bias
+    (k_proj, v_proj alike; biases only for Qwen2)
+  model.layers.{i}.self_attn.o_proj.weight         trunk/layers/{i}/attn/o_proj/kernel
+  model.layers.{i}.post_attention_layernorm.weight trunk/layers/{i}/post_attn_norm/scale
+  model.layers.{i}.mlp.gate_proj.weight            trunk/layers/{i}/mlp/gate_proj/kernel
+    (up_proj, down_proj alike)
+  model.norm.weight                                trunk/final_norm/scale
+  lm_head.weight [V, D]                            lm_head/kernel [D, V]  (untied only)
 
 Tolerated extras on import: rotary ``inv_freq`` buffers of old checkpoints (recomputed
 from the config), and ``lm_head.weight`` in a tied checkpoint when it equals the

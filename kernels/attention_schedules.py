@@ -108,20 +108,20 @@ def causal_block_mask(seq_len: int, *, block_q: int, block_k: int) -> np.ndarray
     return (first_k[None, :] <= last_q[:, None])[None, None]
 
 
-def _block_seg_stats(seg: jax.Array, block: int):
+def _xp(*xs):
+    """numpy for concrete inputs (no compilation), jax.numpy under tracing."""
+    return jnp if any(isinstance(x, jax.core.Tracer) for x in xs) else np
+
+
+def _block_seg_stats(seg, block: int, xp):
     """Per block: any valid token, min and max valid segment. seg: [B, Sp]."""
     b, sp = seg.shape
     s = seg.reshape(b, sp // block, block)
     valid = s >= 0
-    big = jnp.iinfo(jnp.int32).max
-    smin = jnp.min(jnp.where(valid, s, big), axis=-1)
-    smax = jnp.max(jnp.where(valid, s, -1), axis=-1)
-    return jnp.any(valid, axis=-1), smin, smax
-
-
-def _pad_segments(segment_ids: jax.Array, seq_len_padded: int) -> jax.Array:
-    seg = jnp.asarray(segment_ids, jnp.int32)
-    return jnp.pad(seg, ((0, 0), (0, seq_len_padded - seg.shape[1])), constant_values=-1)
+    big = np.iinfo(np.int32).max
+    smin = xp.min(xp.where(valid, s, big), axis=-1)
+    smax = xp.max(xp.where(valid, s, -1), axis=-1)
+    return xp.any(valid, axis=-1), smin, smax
 
 
 def segment_block_mask(segment_ids: jax.Array, *, block_q: int, block_k: int) -> jax.Array:
@@ -134,13 +134,15 @@ def segment_block_mask(segment_ids: jax.Array, *, block_q: int, block_k: int) ->
     for any layout, and exact for the monotone Prefix Grouper layout.
     Traceable (``segment_ids`` may be a tracer).
     """
-    if segment_ids.ndim != 2:
-        raise ValueError(f"segment_ids must be [B, S], got shape {segment_ids.shape}")
-    sp, nq, nk = _grid(segment_ids.shape[1], block_q, block_k)
-    seg = _pad_segments(segment_ids, sp)
-    q_any, q_min, q_max = _block_seg_stats(seg, block_q)
-    k_any, k_min, k_max = _block_seg_stats(seg, block_k)
-    causal = jnp.asarray(causal_block_mask(segment_ids.shape[1], block_q=block_q, block_k=block_k))[0, 0]
+    xp = _xp(segment_ids)
+    seg = xp.asarray(segment_ids).astype(np.int32)
+    if seg.ndim != 2:
+        raise ValueError(f"segment_ids must be [B, S], got shape {seg.shape}")
+    sp, nq, nk = _grid(seg.shape[1], block_q, block_k)
+    seg = xp.pad(seg, ((0, 0), (0, sp - seg.shape[1])), constant_values=-1)
+    q_any, q_min, q_max = _block_seg_stats(seg, block_q, xp)
+    k_any, k_min, k_max = _block_seg_stats(seg, block_k, xp)
+    causal = causal_block_mask(segment_ids.shape[1], block_q=block_q, block_k=block_k)[0, 0]
     overlap = (k_max[:, None, :] >= q_min[:, :, None]) & (k_min[:, None, :] <= q_max[:, :, None])
     shared = (k_min == 0)[:, None, :]
     live = causal[None] & q_any[:, :, None] & k_any[:, None, :] & (overlap | shared)
@@ -226,19 +228,20 @@ class BlockSchedule:
         return jnp.mean(self.block_mask.astype(jnp.float32), axis=(-2, -1))
 
 
-def _index_lists(mask: jax.Array, max_steps: int) -> tuple[jax.Array, jax.Array]:
+def _index_lists(mask, max_steps: int, xp):
     """mask [..., n, m] → ascending true indices [..., n, max_steps], counts."""
     m = mask.shape[-1]
-    count = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    count = xp.sum(mask, axis=-1).astype(np.int32)
     # Stable sort puts the kept indices first, in ascending order.
-    order = jnp.argsort(jnp.where(mask, 0, 1), axis=-1, stable=True).astype(jnp.int32)
-    order = order[..., :max_steps]
+    keys = xp.where(mask, 0, 1)
+    order = xp.argsort(keys, axis=-1, stable=True) if xp is jnp else np.argsort(keys, axis=-1, kind="stable")
+    order = order.astype(np.int32)[..., :max_steps]
     if max_steps > m:
-        order = jnp.pad(order, [(0, 0)] * (order.ndim - 1) + [(0, max_steps - m)])
-    steps = jnp.arange(max_steps, dtype=jnp.int32)
-    last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
-    index = jnp.where(steps < count[..., None], order, last)
-    return index.astype(jnp.int32), count
+        order = xp.pad(order, [(0, 0)] * (order.ndim - 1) + [(0, max_steps - m)])
+    steps = xp.arange(max_steps, dtype=np.int32)
+    last = xp.take_along_axis(order, xp.maximum(count - 1, 0)[..., None], axis=-1)
+    index = xp.where(steps < count[..., None], order, last)
+    return index.astype(np.int32), count
 
 
 def make_schedule(
@@ -258,14 +261,15 @@ def make_schedule(
     raises when concrete; under tracing, the caller guarantees it.
     """
     _, nq, nk = _grid(seq_len, block_q, block_k)
-    mask = jnp.asarray(block_mask, bool)
+    xp = _xp(block_mask)
+    mask = xp.asarray(block_mask).astype(bool)
     if mask.ndim != 4 or mask.shape[2:] != (nq, nk):
         raise ValueError(
             f"block_mask must be [Bs, Hs, {nq}, {nk}] for seq_len={seq_len}, "
             f"block_q={block_q}, block_k={block_k}; got shape {mask.shape}"
         )
-    kv_counts = np.asarray(block_mask).sum(-1) if not isinstance(block_mask, jax.core.Tracer) else None
-    q_counts = np.asarray(block_mask).sum(-2) if kv_counts is not None else None
+    kv_counts = mask.sum(-1) if xp is np else None
+    q_counts = mask.sum(-2) if xp is np else None
     need_kv = max(1, int(kv_counts.max())) if kv_counts is not None else nk
     need_q = max(1, int(q_counts.max())) if q_counts is not None else nq
     if max_kv_steps is not None and kv_counts is not None and need_kv > max_kv_steps:
@@ -274,8 +278,8 @@ def make_schedule(
         raise ValueError(f"max_q_steps={max_q_steps} is below the largest query-block count {need_q}")
     mk = max_kv_steps if max_kv_steps is not None else need_kv
     mq = max_q_steps if max_q_steps is not None else need_q
-    kv_index, kv_count = _index_lists(mask, mk)
-    q_index, q_count = _index_lists(jnp.swapaxes(mask, -1, -2), mq)
+    kv_index, kv_count = _index_lists(mask, mk, xp)
+    q_index, q_count = _index_lists(xp.swapaxes(mask, -1, -2), mq, xp)
     return BlockSchedule(
         kv_index=kv_index,
         kv_count=kv_count,
@@ -304,8 +308,6 @@ def prefix_grouper_schedule(
 ) -> BlockSchedule:
     """Schedule for packed rows (Prefix Grouper and/or padding): [B, 1, ...]."""
     mask = segment_block_mask(segment_ids, block_q=block_q, block_k=block_k)
-    if not isinstance(segment_ids, jax.core.Tracer):
-        mask = np.asarray(mask)
     return make_schedule(
         mask,
         seq_len=segment_ids.shape[1],
@@ -338,10 +340,7 @@ def streaming_schedule(
     if segment_ids is not None:
         if segment_ids.shape[1] != seq_len:
             raise ValueError(f"segment_ids length {segment_ids.shape[1]} != seq_len {seq_len}")
-        seg_mask = segment_block_mask(segment_ids, block_q=block_q, block_k=block_k)
-        mask = jnp.asarray(mask) & seg_mask
-        if not isinstance(segment_ids, jax.core.Tracer):
-            mask = np.asarray(mask)
+        mask = mask & segment_block_mask(segment_ids, block_q=block_q, block_k=block_k)
     return make_schedule(mask, seq_len=seq_len, block_q=block_q, block_k=block_k)
 
 

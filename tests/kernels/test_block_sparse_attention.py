@@ -1,0 +1,235 @@
+"""Block-sparse attention kernels (TPU and GPU, interpret mode) vs the jnp reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlx_kernels import attention_schedules as sl
+from rlx_kernels import block_sparse_attention as bsa
+
+
+def _qkv(seed, b, s, h, kh, d, dtype=jnp.float32):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(ks[0], (b, s, h, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (b, s, kh, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (b, s, kh, d), jnp.float32).astype(dtype)
+    return q, k, v
+
+
+def _numpy_attention(q, k, v, mask, scale):
+    """Independent float64 transcription: softmax over allowed keys, 0 if none."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, s, h, d = q.shape
+    g = h // k.shape[2]
+    mask = np.broadcast_to(np.asarray(mask), (b, h, s, s))
+    out = np.zeros_like(q)
+    for bi in range(b):
+        for hi in range(h):
+            logits = q[bi, :, hi] @ k[bi, :, hi // g].T * scale
+            for a in range(s):
+                allowed = mask[bi, hi, a]
+                if not allowed.any():
+                    continue
+                z = logits[a, allowed]
+                p = np.exp(z - z.max())
+                out[bi, a, hi] = (p / p.sum()) @ v[bi, allowed, hi // g]
+    return out
+
+
+def _loss(out, cot):
+    return jnp.sum(out.astype(jnp.float32) * cot)
+
+
+def _check_against_reference(q, k, v, schedule, seg, backend, atol, rtol):
+    cot = jax.random.normal(jax.random.key(7), q.shape, jnp.float32)
+
+    @jax.jit
+    def both(q, k, v):
+        def run(fn):
+            return jax.value_and_grad(lambda q, k, v: _loss(fn(q, k, v), cot), argnums=(0, 1, 2))(q, k, v)[1]
+
+        kern = lambda q, k, v: bsa.block_sparse_attention(q, k, v, schedule, segment_ids=seg, backend=backend)  # noqa
+        ref = lambda q, k, v: bsa.reference_block_sparse_attention(q, k, v, schedule, segment_ids=seg)  # noqa
+        return kern(q, k, v), ref(q, k, v), run(kern), run(ref)
+
+    out, ref, grads, ref_grads = both(q, k, v)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=atol, rtol=rtol)
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert g.dtype == q.dtype, name
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(rg, np.float32), atol=atol, rtol=rtol,
+                                   err_msg=f"d{name}")
+    return out, grads
+
+
+def test_reference_matches_float64_numpy_attention():
+    q, k, v = _qkv(0, 2, 9, 4, 2, 8)
+    seg = np.array([[0, 0, 0, 1, 1, 2, 2, 2, -1], [0, 0, 0, 0, 0, 0, 0, -1, -1]])
+    mask = sl.token_mask(seg, 9)
+    out = jax.jit(lambda q, k, v: bsa.reference_attention(q, k, v, mask, sm_scale=0.3))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, mask, 0.3), atol=1e-5)
+
+
+# Two rows of Prefix Grouper segments with padding (S = 21, not a block multiple).
+SEG = np.array([[0] * 6 + [1] * 6 + [2] * 6 + [-1] * 3, [0] * 10 + [1] * 4 + [2] * 5 + [-1] * 2])
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_kernel_matches_reference_streaming_heads_on_prefix_grouper_rows(backend):
+    # Per-row (B=2) and per-head schedule: head 0 streams (sink + local window),
+    # head 1 is dense over the Prefix Grouper segments; GQA (H=2 over K=1);
+    # block_q != block_k.
+    schedule = sl.streaming_schedule(21, streaming_heads=[True, False], sink_blocks=1, local_blocks=1, block_q=8,
+                                     block_k=4, segment_ids=SEG)
+    assert schedule.kv_index.shape[:2] == (2, 2)
+    q, k, v = _qkv(2, 2, 21, 2, 1, 16)
+    out, grads = _check_against_reference(q, k, v, schedule, SEG, backend, atol=2e-5, rtol=2e-5)
+    pad = SEG < 0  # padding queries output 0 and send no gradient
+    assert np.all(np.asarray(out)[pad] == 0)
+    assert np.all(np.asarray(grads[0])[pad] == 0)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_dense_kernel_matches_reference(backend):
+    # All-blocks causal schedule, no segments, S = 13.
+    schedule = sl.dense_causal_schedule(13, block_q=8, block_k=8)
+    q, k, v = _qkv(3, 1, 13, 2, 2, 16)
+    out, _ = _check_against_reference(q, k, v, schedule, None, backend, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, sl.token_mask(None, 13), 16 ** -0.5),
+                               atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_bfloat16_kernel_close_to_float32_reference(backend):
+    schedule = sl.prefix_grouper_schedule(SEG[:1], block_q=8, block_k=8)
+    q, k, v = _qkv(4, 1, 21, 2, 1, 16, jnp.bfloat16)
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+    cot = jax.random.normal(jax.random.key(5), q.shape)
+    kern = lambda q, k, v: bsa.block_sparse_attention(q, k, v, schedule, segment_ids=SEG[:1], backend=backend)  # noqa
+    ref = lambda q, k, v: bsa.reference_block_sparse_attention(q, k, v, schedule, segment_ids=SEG[:1])  # noqa
+
+    @jax.jit
+    def run(q, k, v, q32, k32, v32):
+        grad = lambda f, *a: jax.grad(lambda q, k, v: _loss(f(q, k, v), cot), argnums=(0, 1, 2))(*a)  # noqa
+        return kern(q, k, v), ref(q32, k32, v32), grad(kern, q, k, v), grad(ref, q32, k32, v32)
+
+    out, ref_out, g, rg = run(q, k, v, q32, k32, v32)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out), atol=3e-2, rtol=3e-2)
+    for name, a, b in zip("qkv", g, rg):
+        assert a.dtype == jnp.bfloat16
+        scale = float(jnp.max(jnp.abs(b)))
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b), atol=4e-2 * scale, err_msg=f"d{name}")
+
+
+def test_streaming_heads_ignore_keys_outside_sink_and_window():
+    # Changing a key outside a streaming head's blocks changes only dense heads.
+    s = 24
+    schedule = sl.streaming_schedule(s, streaming_heads=[True, False], sink_blocks=1, local_blocks=1, block_q=8,
+                                     block_k=8)
+    q, k, v = _qkv(6, 1, s, 2, 2, 16)
+    v2 = v.at[:, 10].add(5.0)  # block 1: neither sink (block 0) nor local for query block 2
+    f = jax.jit(lambda v: bsa.block_sparse_attention(q, k, v, schedule, backend="gpu"))
+    o1, o2 = f(v), f(v2)
+    np.testing.assert_array_equal(np.asarray(o1[:, 16:, 0]), np.asarray(o2[:, 16:, 0]))
+    assert not np.allclose(np.asarray(o1[:, 16:, 1]), np.asarray(o2[:, 16:, 1]))
+
+
+# --------------------------------------------------------------------------- #
+# Prefix Grouper: packed row == naive repeated-prompt batch (log-probs, grads)
+# --------------------------------------------------------------------------- #
+
+
+def _scatter_rows(prompt_feat, comp_feat, plen, index, cmask, length):
+    """Place prompt features at slots [0, plen) and completion features at index."""
+    out = jnp.zeros((length,) + prompt_feat.shape[1:], prompt_feat.dtype)
+    out = out.at[:plen].set(prompt_feat[:plen])
+    rows, cols = np.nonzero(np.asarray(cmask))
+    return out.at[np.asarray(index)[rows, cols]].set(comp_feat[rows, cols])
+
+
+def test_prefix_grouper_packed_row_equals_naive_batch_logprobs_and_grads():
+    # Kernel on the packed row vs the reference on the naive [prompt | ci] rows.
+    lp, g, t, h, kh, d, vocab = 7, 3, 5, 2, 1, 16, 11
+    plen, lens = 6, np.array([5, 2, 4])
+    rng = np.random.default_rng(0)
+    prompt_ids = rng.integers(1, vocab, lp)
+    comp_ids = rng.integers(1, vocab, (g, t))
+    packed = sl.prefix_grouper_pack(prompt_ids, plen, comp_ids, lens)
+    packed = jax.tree.map(np.asarray, packed)
+    n_tok, n_seg, _, n_logit_index, n_mask = map(np.asarray, sl.naive_group_rows(prompt_ids, plen, comp_ids, lens))
+    s_packed, s_naive = lp + g * t, lp + t
+
+    ks = jax.random.split(jax.random.key(8), 7)
+    feats = dict(
+        pq=jax.random.normal(ks[0], (lp, h, d)), pk=jax.random.normal(ks[1], (lp, kh, d)),
+        pv=jax.random.normal(ks[2], (lp, kh, d)), cq=jax.random.normal(ks[3], (g, t, h, d)),
+        ck=jax.random.normal(ks[4], (g, t, kh, d)), cv=jax.random.normal(ks[5], (g, t, kh, d)),
+    )
+    w = jax.random.normal(ks[6], (h * d, vocab))
+    weights = jnp.asarray(rng.normal(size=(g, t)) * n_mask, jnp.float32)
+
+    def logprobs(out, logit_index, mask, targets):
+        logp = jax.nn.log_softmax(out.reshape(out.shape[0], -1) @ w, axis=-1)
+        return jnp.take_along_axis(sl.prefix_grouper_unpack(logp, logit_index, mask), targets[..., None], -1)[..., 0]
+
+    pg_sched = sl.prefix_grouper_schedule(packed.segment_ids[None], block_q=8, block_k=8)
+    naive_sched = sl.prefix_grouper_schedule(n_seg, block_q=8, block_k=8)
+    assert pg_sched.seq_len == s_packed
+
+    def packed_lp(f):
+        row = lambda p, c: _scatter_rows(p, c, plen, packed.token_index, packed.completion_mask, s_packed)  # noqa
+        q, k, v = (row(f["p" + n], f["c" + n])[None] for n in "qkv")
+        out = bsa.block_sparse_attention(q, k, v, pg_sched, segment_ids=packed.segment_ids[None], backend="gpu")
+        return logprobs(out[0], packed.logit_index, packed.completion_mask, jnp.asarray(comp_ids)) * n_mask
+
+    def naive_lp(f):
+        idx = plen + np.arange(t)[None, :].repeat(g, 0)
+        rows = lambda p, c: jnp.stack([  # noqa: E731
+            _scatter_rows(p, c[i:i + 1], plen, idx[:1], n_mask[i:i + 1], s_naive) for i in range(g)])
+        q, k, v = (rows(f["p" + n], f["c" + n]) for n in "qkv")
+        out = bsa.block_sparse_attention(q, k, v, naive_sched, segment_ids=n_seg, backend="reference")
+        lps = [logprobs(out[i], n_logit_index[i:i + 1], n_mask[i:i + 1], jnp.asarray(comp_ids[i:i + 1]))
+               for i in range(g)]
+        return jnp.concatenate(lps, 0) * n_mask
+
+    np.testing.assert_array_equal(np.asarray(n_tok[:, :plen]), np.repeat(prompt_ids[None, :plen], g, 0))
+    @jax.jit
+    def both(f):
+        grad = lambda fn: jax.grad(lambda f: jnp.sum(fn(f) * weights))(f)  # noqa: E731
+        return packed_lp(f), naive_lp(f), grad(packed_lp), grad(naive_lp)
+
+    lp_packed, lp_naive, g_packed, g_naive = both(feats)
+    np.testing.assert_allclose(np.asarray(lp_packed), np.asarray(lp_naive), atol=1e-5, rtol=1e-5)
+    for name in feats:
+        assert float(jnp.max(jnp.abs(g_naive[name]))) > 0, name
+        np.testing.assert_allclose(np.asarray(g_packed[name]), np.asarray(g_naive[name]), atol=2e-5, rtol=2e-5,
+                                   err_msg=name)
+    # The packed schedule visits fewer block pairs than the dense causal one.
+    dense = sl.causal_block_mask(s_packed, block_q=8, block_k=8)
+    assert int(np.asarray(pg_sched.block_mask).sum()) <= int(dense.sum())
+
+
+# --------------------------------------------------------------------------- #
+# Input validation
+# --------------------------------------------------------------------------- #
+
+
+def test_bad_inputs_raise_value_error():
+    schedule = sl.dense_causal_schedule(8, block_q=8, block_k=8)
+    q, k, v = _qkv(0, 1, 8, 4, 2, 8)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        bsa.block_sparse_attention(q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2), schedule,
+                                   backend="reference")
+    with pytest.raises(ValueError, match="seq_len"):
+        bsa.block_sparse_attention(q[:, :7], k[:, :7], v[:, :7], schedule, backend="reference")
+    with pytest.raises(ValueError, match="segment_ids"):
+        bsa.block_sparse_attention(q, k, v, schedule, segment_ids=jnp.zeros((1, 7), jnp.int32), backend="reference")
+    with pytest.raises(ValueError, match="dtype"):
+        bsa.block_sparse_attention(q, k.astype(jnp.bfloat16), v, schedule, backend="reference")
+    with pytest.raises(ValueError, match="multiples of 128"):
+        bsa._check_hardware_blocks("tpu", schedule, 8)
+    with pytest.raises(ValueError, match="power of two"):
+        bsa._check_hardware_blocks("gpu", sl.dense_causal_schedule(48, block_q=24, block_k=24), 64)
+    bsa._check_hardware_blocks("gpu", sl.dense_causal_schedule(64, block_q=16, block_k=32), 64)

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from rlx.objectives import masks
 
 SETTINGS = settings(max_examples=15, deadline=None)
+# traced k: one compilation per shape instead of one per (shape, k)
+_mvs_jit = jax.jit(masks.max_variance_subset_mask, static_argnames="per_group")
 
 
 def np_best_subset_variance(a, k):
@@ -61,7 +63,7 @@ def test_max_variance_subset_by_hand():
 def test_max_variance_subset_beats_every_subset_of_the_same_size(shape, data):
     a = data.draw(hnp.arrays(np.float32, shape, elements=st.floats(-4, 4, width=32)))
     k = data.draw(st.integers(1, shape[1]))
-    sel = np.asarray(masks.max_variance_subset_mask(a, k=k))
+    sel = np.asarray(_mvs_jit(a, k=k))
     assert sel.shape == a.shape and sel.dtype == bool
     for row in range(shape[0]):
         assert sel[row].sum() == k
@@ -74,7 +76,7 @@ def test_max_variance_subset_beats_every_subset_of_the_same_size(shape, data):
 @given(hnp.arrays(np.float32, (2, 3), elements=st.floats(-4, 4, width=32)),
        st.integers(1, 6))
 def test_cross_group_selection_is_over_the_whole_batch(a, k):
-    sel = np.asarray(masks.max_variance_subset_mask(a, k=k, per_group=False))
+    sel = np.asarray(_mvs_jit(a, k=k, per_group=False))
     assert sel.sum() == k
     got = np.var(a[sel].astype(np.float64))
     best = np_best_subset_variance(a.reshape(-1), k)

@@ -22,6 +22,7 @@ completions concatenate exactly.
 from __future__ import annotations
 
 import abc
+import datetime
 import io
 import json
 import os
@@ -70,8 +71,9 @@ def render_jinja_chat_template(template: str, messages: Sequence[Message], *,
     """Renders a Hugging Face style jinja chat template in a sandbox.
 
     Variables: ``messages``, ``add_generation_prompt`` and ``variables`` (e.g.
-    ``bos_token``, ``eos_token``); ``raise_exception(msg)`` is available as in
-    transformers, and ``tojson`` keeps non-ASCII text.
+    ``bos_token``, ``eos_token``); ``raise_exception(msg)`` and ``strftime_now(fmt)``
+    (Llama 3.2 templates) are available as in transformers, and ``tojson`` keeps
+    non-ASCII text.
     """
     try:
         import jinja2
@@ -89,6 +91,7 @@ def render_jinja_chat_template(template: str, messages: Sequence[Message], *,
     env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(
         x, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     return env.from_string(template).render(
         messages=list(messages), add_generation_prompt=add_generation_prompt, **variables)
 

@@ -231,3 +231,15 @@ def test_load_tokenizer_reports_bad_paths(tmp_path):
     (tmp_path / "x.model").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a SentencePiece model"):
         load_tokenizer(tmp_path / "x.model")
+
+
+def test_jinja_templates_get_transformers_helpers():
+    pytest.importorskip("jinja2")
+    template = ("{{ strftime_now('%Y') }}|{{ messages[0]['content'] | tojson }}"
+                "{% if messages | length > 1 %}{{ raise_exception('one message only') }}"
+                "{% endif %}")
+    text = tok_lib.render_jinja_chat_template(template, [{"role": "user", "content": "é"}])
+    year, content = text.split("|")
+    assert year.isdigit() and len(year) == 4 and content == '"é"'
+    with pytest.raises(ValueError, match="chat template: one message only"):
+        tok_lib.render_jinja_chat_template(template, [{"role": "user", "content": "a"}] * 2)

@@ -42,6 +42,7 @@ def test_missing_required_argument_is_an_argparse_error(capsys):
 
 
 def test_registry_adds_subcommands(monkeypatch, capsys):
+    cli.commands()  # import plugin modules first, so they register in the real registry
     monkeypatch.setattr(cli, "_REGISTRY", dict(cli._REGISTRY))
     seen = {}
 

@@ -60,14 +60,14 @@ class RLConfig:
       seed: run seed (data order, sampling keys, init).
     """
 
-    steps: int = 50
+    steps: int = 40
     prompts_per_step: int = 16
     epochs: int = 1
     minibatches: int = 1
     microbatches: int = 1
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
-    eval_every: int = 0
+    eval_every: int = 10
     log_samples_every: int = 10
     checkpoint_every: int | None = 10
     checkpoint_minutes: float | None = None

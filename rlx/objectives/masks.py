@@ -118,7 +118,8 @@ def top_score_token_mask(
 
     score_{b,t} = |A_{b,t}|·H_{b,t}; keep the ceil(keep_ratio · n_valid) highest-scoring
     valid tokens, ranked over the whole (local) batch, not per sequence. advantages:
-    [B, T], or [B] / [P, G] sequence advantages (broadcast over tokens); entropy, mask:
+    [B, T] (any array shaped like ``mask`` is read as per-token), or [B] / [P, G]
+    sequence advantages (broadcast over tokens); entropy, mask:
     [B, T]. keep_ratio in [0, 1], may be traced (e.g. from :func:`d3s_schedule`).
     Ties are broken towards lower flat index. Returns bool [B, T].
     Reading: ranking is per device batch; under data parallelism it is not global.

@@ -115,3 +115,34 @@ def resolve_backend(backend: Backend = "auto", *, platform: str | None = None) -
     if name == "tpu":
         return Resolved("tpu", False if platform == "tpu" else pltpu.InterpretParams())
     return Resolved("gpu", not (platform in ("gpu", "cuda", "rocm")))
+
+
+def _varying(x) -> frozenset:
+    mat = getattr(jax.typeof(x), "mat", None)
+    return frozenset() if mat is None else mat.varying
+
+
+def match_varying(*arrays):
+    """Casts every array to vary over the union of the mesh axes any of them varies
+    over (a no-op outside ``shard_map``). Pallas interpret mode under
+    ``shard_map(check_vma=True)`` needs all kernel operands to agree; the
+    transpose of the cast sums gradients of replicated operands over devices."""
+    varying = frozenset().union(*(_varying(a) for a in arrays))
+    out = []
+    for a in arrays:
+        missing = tuple(sorted(varying - _varying(a)))
+        out.append(jax.lax.pcast(a, missing, to="varying") if missing else a)
+    return tuple(out)
+
+
+def out_struct(shape, dtype, *like) -> jax.ShapeDtypeStruct:
+    """``ShapeDtypeStruct`` for a ``pallas_call`` output.
+
+    Under ``shard_map(check_vma=True)`` Pallas needs each output's manual-axis
+    type: the output varies over every mesh axis any of ``like`` varies over.
+    Outside ``shard_map`` the (empty) type is ignored.
+    """
+    varying = frozenset().union(*(_varying(x) for x in like))
+    return jax.ShapeDtypeStruct(
+        shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying)
+    )

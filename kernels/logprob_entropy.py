@@ -163,7 +163,7 @@ def _tpu_fwd(operands, targets, n, n_vocab, cfg, from_hidden):
         ]
     else:
         in_specs = [row_spec, pl.BlockSpec((bn, bv), lambda i, j: (i, j))]
-    out = jax.ShapeDtypeStruct((n, 1), jnp.float32)
+    out = dispatch.out_struct((n, 1), jnp.float32, targets, *operands)
     kernel = functools.partial(
         _tpu_fwd_kernel, n_vocab=n_vocab, bn=bn, bv=bv,
         temperature=cfg.temperature, from_hidden=from_hidden,
@@ -205,7 +205,7 @@ def _tpu_dlogits(x, targets, lse, ent, g_lp, g_ent, cfg):
     )
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        out_shape=dispatch.out_struct(x.shape, x.dtype, x, targets, lse, ent, g_lp, g_ent),
         grid=(pl.cdiv(n, bn), pl.cdiv(n_vocab, bv)),
         in_specs=[row_spec, tile_spec, row_spec, row_spec, row_spec, row_spec],
         out_specs=tile_spec,
@@ -269,7 +269,7 @@ def _gpu_fwd(operands, targets, n, n_vocab, cfg, from_hidden):
         bv=cfg.block_v, bd=cfg.block_d, temperature=cfg.temperature,
         from_hidden=from_hidden,
     )
-    out = jax.ShapeDtypeStruct((n,), jnp.float32)
+    out = dispatch.out_struct((n,), jnp.float32, targets, *operands)
     return pl.pallas_call(
         kernel,
         out_shape=(out, out, out),
@@ -305,7 +305,7 @@ def _gpu_dlogits(x, targets, lse, ent, g_lp, g_ent, cfg):
     )
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        out_shape=dispatch.out_struct(x.shape, x.dtype, x, targets, lse, ent, g_lp, g_ent),
         grid=(pl.cdiv(n, cfg.block_n), pl.cdiv(n_vocab, cfg.block_v)),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=2),
         interpret=cfg.interpret,
@@ -329,12 +329,13 @@ class _Config:
 
 def _fwd(operands, targets, n, n_vocab, cfg, from_hidden):
     impl = _tpu_fwd if cfg.kind == "tpu" else _gpu_fwd
-    return impl(operands, targets, n, n_vocab, cfg, from_hidden)
+    targets, *operands = dispatch.match_varying(targets, *operands)
+    return impl(tuple(operands), targets, n, n_vocab, cfg, from_hidden)
 
 
 def _dlogits(x, targets, lse, ent, g_lp, g_ent, cfg):
     impl = _tpu_dlogits if cfg.kind == "tpu" else _gpu_dlogits
-    return impl(x, targets, lse, ent, g_lp, g_ent, cfg)
+    return impl(*dispatch.match_varying(x, targets, lse, ent, g_lp, g_ent), cfg)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

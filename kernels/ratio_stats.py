@@ -244,8 +244,8 @@ def _tpu_row_stats(new, old, mask, thr, bb, bt, clamp, interpret):
     kernel = functools.partial(_tpu_kernel, n_rows=b, n_tok=t, bb=bb, bt=bt, clamp=clamp)
     outs = pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((b, t), jnp.float32),)
-        + (jax.ShapeDtypeStruct((b, 1), jnp.float32),) * _N_ROW_STATS,
+        out_shape=(dispatch.out_struct((b, t), jnp.float32, new, old, mask),)
+        + (dispatch.out_struct((b, 1), jnp.float32, new, old, mask),) * _N_ROW_STATS,
         grid=(pl.cdiv(b, bb), pl.cdiv(t, bt)),
         in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM), tile, tile, tile],
         out_specs=(tile,) + (row,) * _N_ROW_STATS,
@@ -284,8 +284,8 @@ def _gpu_row_stats(new, old, mask, thr, bb, bt, clamp, interpret):
     kernel = functools.partial(_gpu_kernel, n_rows=b, n_tok=t, bb=bb, bt=bt, clamp=clamp)
     outs = pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((b, t), jnp.float32),)
-        + (jax.ShapeDtypeStruct((nt * b,), jnp.float32),) * _N_ROW_STATS,
+        out_shape=(dispatch.out_struct((b, t), jnp.float32, new, old, mask),)
+        + (dispatch.out_struct((nt * b,), jnp.float32, new, old, mask),) * _N_ROW_STATS,
         grid=(pl.cdiv(b, bb), nt),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
@@ -415,6 +415,7 @@ def _row_stats(new_logp, old_logp, mask, thr, clamp, backend, block_b, block_t):
     if mask.dtype not in (jnp.float32, jnp.bfloat16):
         mask = (mask != 0).astype(jnp.float32)
     impl = _tpu_row_stats if res.kind == "tpu" else _gpu_row_stats
+    thr, new_logp, old_logp, mask = dispatch.match_varying(thr, new_logp, old_logp, mask)
     return impl(new_logp, old_logp, mask, thr, bb, bt, clamp, res.interpret)
 
 
@@ -483,49 +484,30 @@ def ratio_statistics(
                       _reduce(seq, total, axis_name))
 
 
-def _variance_parts(new_logp, old_logp, mask, clamp, axis_name, backend, block_b, block_t):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _local_moments(new_logp, old_logp, mask, clamp, backend, block_b, block_t):
+    """Local (N, S₁, S₂) = (Σm, Σm(r−1), Σm(r−1)²) through the kernel."""
+    return _local_moments_fwd(new_logp, old_logp, mask, clamp, backend, block_b, block_t)[0]
+
+
+def _local_moments_fwd(new_logp, old_logp, mask, clamp, backend, block_b, block_t):
     thr = jnp.array([0.0, _INF], jnp.float32)  # clip counts unused here
     ratio, rows = _row_stats(new_logp, old_logp, mask, thr, clamp, backend, block_b, block_t)
-    n, s1, s2 = rows[0], rows[1], rows[2]
-    n, s1, s2 = n.sum(), s1.sum(), s2.sum()
-    if axis_name is not None:
-        n, s1, s2 = jax.lax.psum((n, s1, s2), axis_name)
-    return ratio, n, s1, s2
+    moments = (rows[0].sum(), rows[1].sum(), rows[2].sum())
+    return moments, (new_logp, old_logp, mask, ratio)
 
 
-def _variance_value(n, s1, s2, about):
-    nn = jnp.maximum(n, 1.0)
-    md = s1 / nn
-    var = s2 / nn - (md * md if about == "mean" else 0.0)
-    return jnp.where(n > 0, jnp.maximum(var, 0.0), 0.0)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
-def _ratio_variance(new_logp, old_logp, mask, about, clamp, axis_name, backend, block_b,
-                    block_t):
-    _, n, s1, s2 = _variance_parts(new_logp, old_logp, mask, clamp, axis_name, backend,
-                                   block_b, block_t)
-    return _variance_value(n, s1, s2, about)
-
-
-def _ratio_variance_fwd(new_logp, old_logp, mask, about, clamp, axis_name, backend,
-                        block_b, block_t):
-    ratio, n, s1, s2 = _variance_parts(new_logp, old_logp, mask, clamp, axis_name, backend,
-                                       block_b, block_t)
-    return _variance_value(n, s1, s2, about), (new_logp, old_logp, mask, ratio, n, s1)
-
-
-def _ratio_variance_bwd(about, clamp, axis_name, backend, block_b, block_t, res, g):
-    new_logp, old_logp, mask, ratio, n, s1 = res
-    nn = jnp.maximum(n, 1.0)
-    center = 1.0 + s1 / nn if about == "mean" else 1.0
+def _local_moments_bwd(clamp, backend, block_b, block_t, res, g):
+    """∂S₁/∂ℓ_t = m r_t, ∂S₂/∂ℓ_t = 2 m r_t (r_t − 1), zero where the clamp is flat."""
+    new_logp, old_logp, mask, ratio = res
+    _, g1, g2 = g
     diff = new_logp.astype(jnp.float32) - old_logp.astype(jnp.float32)
     live = (mask != 0) & (jnp.abs(diff) < clamp)
-    grad = jnp.where(live & (n > 0), (2.0 / nn) * ratio * (ratio - center), 0.0) * g
+    grad = jnp.where(live, ratio * (g1 + 2.0 * g2 * (ratio - 1.0)), 0.0)
     return grad.astype(new_logp.dtype), (-grad).astype(old_logp.dtype), None
 
 
-_ratio_variance.defvjp(_ratio_variance_fwd, _ratio_variance_bwd)
+_local_moments.defvjp(_local_moments_fwd, _local_moments_bwd)
 
 
 def ratio_variance(
@@ -542,15 +524,24 @@ def ratio_variance(
 ) -> jax.Array:
     """Masked token-level Var[ρ] (about="mean") or E[(ρ−1)²] (about="one"), scalar f32.
 
-    Differentiable w.r.t. new_logp (and old_logp) by a custom VJP; formulas and
-    derivation in the module docstring. Under ``shard_map`` pass ``axis_name``
-    so N, Σ(r−1), Σ(r−1)² are global; each shard then receives the exact
-    gradient for its own tokens. Returns 0 (gradient 0) when no token is valid.
+    Differentiable w.r.t. new_logp (and old_logp): the kernel's local moments
+    (N, Σ(r−1), Σ(r−1)²) carry a custom VJP and the variance is plain jnp on
+    three scalars, so autodiff composes them into the formula of the module
+    docstring. Under ``shard_map`` pass ``axis_name``: the moments are psum'd
+    (global N, μ) and each shard gets the exact gradient for its own tokens,
+    with or without ``check_vma``. Returns 0 (gradient 0) when no token is valid.
     """
     _validate(new_logp, old_logp, mask, log_ratio_clamp)
     if about not in ("mean", "one"):
         raise ValueError(f"about must be 'mean' or 'one', got {about!r}")
     if jnp.issubdtype(mask.dtype, jnp.floating):
         mask = jax.lax.stop_gradient(mask)
-    return _ratio_variance(new_logp, old_logp, mask, about, float(log_ratio_clamp),
-                           axis_name, backend, block_b, block_t)
+    n, s1, s2 = _local_moments(new_logp, old_logp, mask, float(log_ratio_clamp), backend,
+                               block_b, block_t)
+    if axis_name is not None:
+        n, s1, s2 = jax.lax.psum((n, s1, s2), axis_name)
+    n = jax.lax.stop_gradient(n)
+    nn = jnp.maximum(n, 1.0)
+    md = s1 / nn
+    var = s2 / nn - (md * md if about == "mean" else 0.0)
+    return jnp.where(n > 0, jnp.maximum(var, 0.0), 0.0)

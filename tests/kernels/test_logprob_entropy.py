@@ -217,3 +217,36 @@ def test_analytic_scratch_is_small_at_issue_scale():
     assert s["kernel_fwd"] < 64 * 2**20  # ~19 MB of double-buffered tiles
     assert s["kernel_bwd_hidden"] <= 256 * 2**20
     assert s["reference"] > 100 * 2**30
+
+
+@pytest.fixture
+def native(monkeypatch):
+    """Resolve backends as on the real hardware (interpret=False) to cross-lower."""
+    from rlx_kernels import dispatch
+
+    orig = dispatch.resolve_backend
+    monkeypatch.setattr(dispatch, "resolve_backend",
+                        lambda backend="auto", platform=None: orig(backend, platform=backend))
+
+
+@pytest.mark.parametrize("backend,platform,marker", [("tpu", "tpu", "tpu_custom_call"),
+                                                     ("gpu", "cuda", "__gpu$xla.gpu.triton")])
+def test_kernels_lower_for_real_hardware_with_default_blocks(native, backend, platform, marker):
+    """Cross-lowering runs the Mosaic / Triton lowering on CPU, which enforces the
+    hardware block rules (TPU (8, 128) tiles, Triton power-of-two shapes)."""
+    n, v, d = 300, 1000, 256
+
+    def logits_grad(x, t):
+        return jax.grad(lambda x: sum(a.sum() for a in le.token_logprob_entropy(
+            x, t, backend=backend)))(x)
+
+    def hidden_grad(h, w, t):
+        return jax.grad(lambda h, w: sum(a.sum() for a in le.token_logprob_entropy_from_hidden(
+            h, w, t, backend=backend)), argnums=(0, 1))(h, w)
+
+    t = jnp.zeros((n,), jnp.int32)
+    for fn, args in ((logits_grad, (jnp.zeros((n, v), jnp.bfloat16), t)),
+                     (hidden_grad, (jnp.zeros((n, d), jnp.bfloat16),
+                                    jnp.zeros((d, v), jnp.bfloat16), t))):
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+        assert marker in text

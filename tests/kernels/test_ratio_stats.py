@@ -280,3 +280,30 @@ def test_shard_map_over_four_devices_equals_single_device():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.split() == ["OK", "gpu", "OK", "tpu", "OK", "reference"]
+
+
+@pytest.fixture
+def native(monkeypatch):
+    """Resolve backends as on the real hardware (interpret=False) to cross-lower."""
+    from rlx_kernels import dispatch
+
+    orig = dispatch.resolve_backend
+    monkeypatch.setattr(dispatch, "resolve_backend",
+                        lambda backend="auto", platform=None: orig(backend, platform=backend))
+
+
+@pytest.mark.parametrize("backend,platform,marker", [("tpu", "tpu", "tpu_custom_call"),
+                                                     ("gpu", "cuda", "__gpu$xla.gpu.triton")])
+def test_kernels_lower_for_real_hardware_with_default_blocks(native, backend, platform, marker):
+    """Cross-lowering runs the Mosaic / Triton lowering on CPU, which enforces the
+    hardware block rules (TPU (8, 128) tiles, Triton power-of-two shapes)."""
+    b, t = 33, 3000
+    x, m, g = jnp.zeros((b, t)), jnp.ones((b, t), bool), jnp.zeros((b,), jnp.int32)
+
+    def both(n, o, m, g):
+        st = rs.ratio_statistics(n, o, m, g, num_groups=4, eps_low=0.2, eps_high=0.2,
+                                 backend=backend)
+        return st, jax.grad(lambda n: rs.ratio_variance(n, o, m, backend=backend))(n)
+
+    text = jax.jit(both).trace(x, x, m, g).lower(lowering_platforms=(platform,)).as_text()
+    assert marker in text

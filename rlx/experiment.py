@@ -40,14 +40,15 @@ from rlx.train.logger import RunLogger
 log = logging.getLogger("rlx.experiment")
 
 
-def objective_by_name(name: str):
-    """A preset from ``rlx.objectives.presets`` by name (its gin bindings apply)."""
+def objective_by_name(name: str, **forced):
+    """A preset from ``rlx.objectives.presets`` by name (its gin bindings apply;
+    ``forced`` keyword arguments override them)."""
     fn = getattr(presets, name, None)
     if fn is None or name.startswith("_") or not callable(fn):
         known = sorted(n for n in dir(presets) if not n.startswith("_")
                        and getattr(getattr(presets, n), "__module__", "") == presets.__name__)
         raise ValueError(f"unknown objective {name!r}; known presets: {known}")
-    return fn()
+    return fn(**forced)
 
 
 @gin.configurable(module="rlx")
@@ -67,6 +68,7 @@ class Experiment:
       objective: an ``rlx.objectives`` preset name (configure it with its own bindings,
         e.g. ``rlx.objectives.dapo.eps_high = 0.3``).
       rl_lr: learning rate of the RL phase (see ``rlx.train.optimizer`` for the rest).
+      critic_lr: learning rate of PPO's separately trained critic (objective "ppo").
       num_generations / max_new_tokens / temperature: rollout shape (G, T, τ); they
         override the same fields of ``sampler``.
       sampler: other sampling controls (``rlx.sampling.config.SamplerConfig``).
@@ -91,6 +93,7 @@ class Experiment:
     sft_lr: float = 3e-3
     objective: str = "grpo"
     rl_lr: float = 1e-4
+    critic_lr: float = 1e-4
     num_generations: int = 8
     max_new_tokens: int = 8
     temperature: float = 1.0
@@ -209,8 +212,17 @@ def run(exp: Experiment) -> dict:
     before = evaluate(graphdef, params, tok, heldout, pool, sampler=sampler, mesh=mesh)
     print(f"held-out accuracy after SFT: {before['eval/accuracy']:.3f}", flush=True)
 
-    # 2. RL
-    objective = objective_by_name(exp.objective)
+    # 2. RL (PPO trains a separate critic initialised from the SFT trunk)
+    critic = None
+    if exp.objective == "ppo":
+        objective = objective_by_name("ppo", vf_coef=0.0)
+        value_graphdef, value_params = api.init(cfg, kind="value", seed=exp.seed)
+        value_params["trunk"] = jax.tree.map(jnp.copy, params["trunk"])
+        critic_tx = optim.optimizer(learning_rate=exp.critic_lr)
+        critic = rl.Critic(graphdef=value_graphdef, tx=critic_tx,
+                           state=state_lib.create(value_params, critic_tx, seed=exp.seed))
+    else:
+        objective = objective_by_name(exp.objective)
     tx = optim.optimizer(learning_rate=exp.rl_lr)
     state = state_lib.create(params, tx, seed=exp.seed, objective_state=objective.init())
     trainer = rl.RLTrainer(
@@ -218,7 +230,7 @@ def run(exp: Experiment) -> dict:
         stream=ProblemStream(train, seed=exp.seed), reward_pool=pool, sampler=sampler,
         config=exp.rl, run_dir=exp.run_dir, mesh=mesh, ref_params=_reference(objective, params),
         evaluator=lambda p: evaluate(graphdef, p, tok, heldout, pool, sampler=sampler, mesh=mesh),
-        logger=logger)
+        logger=logger, critic=critic)
     history = trainer.run()
     after = evaluate(graphdef, trainer.state.params, tok, heldout, pool, sampler=sampler,
                      mesh=mesh)

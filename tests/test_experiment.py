@@ -77,3 +77,13 @@ def test_rlx_train_help_via_cli():
     with pytest.raises(SystemExit) as err:
         cli.main(["train", "--help"])
     assert err.value.code == 0
+
+
+def test_ppo_experiment_trains_a_separate_critic(tmp_path):
+    run_dir = str(tmp_path / "ppo")
+    params = TINY + [f'rlx.Experiment.run_dir = "{run_dir}"', 'rlx.Experiment.objective = "ppo"',
+                     "rlx.Experiment.export_hf = False"]
+    train_cli.train_main(gin_params=params)
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    rl_rows = [r for r in rows if r["step"] > 0]
+    assert all("value_loss" in r and "loss" in r for r in rl_rows)

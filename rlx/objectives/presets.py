@@ -183,7 +183,11 @@ def ppo(*, eps: float = 0.2, gamma: float = 1.0, lam: float = 0.95, vf_coef: flo
             a = whiten(a, rb.mask)
         return AdvantageOutput(advantages=a, returns=ret, mask=(rb.mask > 0).astype(jnp.float32))
 
-    regs = (value_loss(coef=vf_coef, clip_eps=value_clip),) + _regs(entropy_coef=entropy_coef)
+    # vf_coef > 0: the critic's values come from the same forward (TokenOutputs.values,
+    # shared trunk). vf_coef = 0: no value term here; a separate critic is trained by
+    # the engine's value step (rlx.train.steps.make_value_step), as RLTrainer does.
+    regs = ((value_loss(coef=vf_coef, clip_eps=value_clip),) if vf_coef else ()) + \
+        _regs(entropy_coef=entropy_coef)
     return compose(
         advantages=advantages,
         surrogate=functools.partial(S.ppo_clip_loss, eps_low=eps),

@@ -76,6 +76,17 @@ class RLConfig:
 
 
 @dataclasses.dataclass
+class Critic:
+    """A separately trained value model (PPO): its static definition, its own
+    TrainState and optimizer, and the value-clipping ε of its clipped value loss."""
+
+    graphdef: Any
+    state: state_lib.TrainState
+    tx: Any
+    clip_eps: float | None = 0.2
+
+
+@dataclasses.dataclass
 class Collected:
     """One iteration's kept groups (host numpy + device rollout arrays)."""
 
@@ -93,7 +104,7 @@ class RLTrainer:
                  tokenizer, stream: ProblemStream, reward_pool: RewardPool,
                  sampler: SamplerConfig, config: RLConfig, run_dir: str, mesh=None,
                  ref_params=None, evaluator: Callable | None = None,
-                 logger: RunLogger | None = None):
+                 logger: RunLogger | None = None, critic: "Critic | None" = None):
         self.graphdef, self.tx, self.objective = graphdef, tx, objective
         self.tokenizer, self.stream, self.pool = tokenizer, stream, reward_pool
         self.sampler, self.config, self.run_dir = sampler, config, run_dir
@@ -101,6 +112,14 @@ class RLTrainer:
         self.state_shardings = sh.state_shardings(state, self.mesh)
         self.state = sh.place(state, self.state_shardings)
         self.ref_params = ref_params
+        self.critic = critic
+        if critic is not None:
+            self.critic_shardings = sh.state_shardings(critic.state, self.mesh)
+            critic.state = sh.place(critic.state, self.critic_shardings)
+            self._values = jax.jit(
+                lambda params, seq, t: steps_lib.completion_values(critic.graphdef, params, seq, t),
+                static_argnums=(2,))
+            self._value_step = None
         self.evaluator = evaluator
         self.logger = logger or RunLogger(run_dir, total_steps=config.steps)
         self.checkpointer = ckpt_lib.Checkpointer(
@@ -176,6 +195,15 @@ class RLTrainer:
         self.state, metrics = self._policy_step(self.state, batch)
         return metrics
 
+    def value_step(self, batch: RolloutBatch):
+        c = self.critic
+        if self._value_step is None:
+            fn = steps_lib.make_value_step(c.graphdef, c.tx, clip_eps=c.clip_eps,
+                                           num_microbatches=self.config.microbatches)
+            self._value_step = steps_lib.jit_step(fn, self.mesh, self.critic_shardings, batch)
+        c.state, metrics = self._value_step(c.state, batch)
+        return metrics
+
     def minibatches(self, seq: Sequences, pb: PolicyBatch):
         """Splits rows into ``minibatches`` contiguous whole-group chunks."""
         n = self.config.minibatches
@@ -206,21 +234,25 @@ class RLTrainer:
         mask = jnp.asarray(rollout.loss_mask, jnp.float32)
         old_logp = self._logprobs(self.state.params, seq, t)
         ref_logp = self._logprobs(self.ref_params, seq, t) if self.ref_params is not None else None
+        values = self._values(self.critic.state.params, seq, t) if self.critic else None
         jax.block_until_ready(old_logp)
         times["time/logprobs"] = time.perf_counter() - t1
 
         # 3. advantages from rewards [P, G]
         adv = self.objective.advantages(RewardBatch(
             rewards=jnp.asarray(got.rewards, jnp.float32), mask=mask,
-            lengths=jnp.asarray(rollout.lengths)))
+            lengths=jnp.asarray(rollout.lengths), values=values))
         pb = PolicyBatch(mask=adv.mask, old_logp=old_logp, advantages=adv.advantages,
-                         ref_logp=ref_logp, group_ids=jnp.asarray(rollout.group_id))
+                         ref_logp=ref_logp, group_ids=jnp.asarray(rollout.group_id),
+                         old_values=values, returns=adv.returns)
 
         # 4. several epochs of minibatch updates
         t2 = time.perf_counter()
         for _ in range(self.config.epochs):
             for batch in self.minibatches(seq, pb):
                 step_metrics = self.policy_step(batch)
+                if self.critic is not None:
+                    step_metrics = {**step_metrics, **self.value_step(batch)}
         step_metrics = jax.device_get(step_metrics)
         times["time/update"] = time.perf_counter() - t2
 
@@ -237,19 +269,26 @@ class RLTrainer:
     # -------------------------------------------------------------------- run
     def resume(self) -> bool:
         """Restores the newest good checkpoint (state + data iterator). True if found."""
-        abstract = ckpt_lib.abstract_like(self.state, self.state_shardings)
+        abstract = {"policy": ckpt_lib.abstract_like(self.state, self.state_shardings)}
+        if self.critic is not None:
+            abstract["critic"] = ckpt_lib.abstract_like(self.critic.state, self.critic_shardings)
         found = self.checkpointer.restore_latest(abstract)
         if found is None:
             return False
-        step, state, data_state, extra = found
-        self.state = state
+        step, states, data_state, extra = found
+        self.state = states["policy"]
+        if self.critic is not None:
+            self.critic.state = states["critic"]
         self.stream.set_state(data_state)
         self.iteration_index = int(extra.get("iteration", step))
         log.info("resumed from checkpoint step %d", step)
         return True
 
     def save(self, force: bool = False) -> None:
-        args = (self.iteration_index, self.state, self.stream.get_state(),
+        states = {"policy": self.state}
+        if self.critic is not None:
+            states["critic"] = self.critic.state
+        args = (self.iteration_index, states, self.stream.get_state(),
                 {"iteration": self.iteration_index})
         if force:
             self.checkpointer.save(*args)

@@ -45,13 +45,18 @@ def measured_bandwidth() -> float:
     return 2 * x.nbytes / min(times)
 
 
-def bytes_per_step(cfg, params, p, g, sp, t, layout) -> int:
-    """Weights + the KV slots attention reads in one decode step."""
-    weights = sum(x.nbytes for x in jax.tree.leaves(params))
+def kv_bytes(cfg, p, g, sp, t, layout) -> int:
+    """Size of the group KV cache (= the KV bytes attention reads per decode step)."""
     per_slot = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * \
         jnp.dtype(cfg.dtype).itemsize
     slots = p * sp + p * g * t if layout == "shared" else p * g * (sp + t)
-    return weights + slots * per_slot
+    return slots * per_slot
+
+
+def bytes_per_step(cfg, params, p, g, sp, t, layout) -> int:
+    """Weights + the KV slots attention reads in one decode step."""
+    weights = sum(x.nbytes for x in jax.tree.leaves(params))
+    return weights + kv_bytes(cfg, p, g, sp, t, layout)
 
 
 def run_one(cfg, graphdef, params, p, g, prompt_len, new_tokens, layout, repeats, seed=0):
@@ -118,7 +123,7 @@ def main(argv=None):
     if bw:
         print(f"# measured bandwidth {bw / 1e9:.0f} GB/s")
     head = (f"{'P×G':>8} {'rows':>5} {'layout':>9} {'Sp':>5} {'T':>5} {'prefill ms':>11} "
-            f"{'step ms':>9} {'tokens/s':>10} {'compile s':>10}")
+            f"{'step ms':>9} {'tokens/s':>10} {'KV MiB':>8} {'compile s':>10}")
     if bw:
         head += f" {'floor ms':>9} {'step/floor':>10}"
     print(head)
@@ -129,7 +134,9 @@ def main(argv=None):
                             layout, args.repeats)
                 line = (f"{f'{p}×{g}':>8} {p * g:>5} {layout:>9} {r['sp']:>5} {r['t']:>5} "
                         f"{1e3 * r['prefill_s']:>11.2f} {r['step_ms']:>9.3f} "
-                        f"{r['tok_s']:>10.1f} {r['compile_s']:>10.1f}")
+                        f"{r['tok_s']:>10.1f} "
+                        f"{kv_bytes(cfg, p, g, r['sp'], r['t'], layout) / 2**20:>8.2f} "
+                        f"{r['compile_s']:>10.1f}")
                 if bw:
                     floor = bytes_per_step(cfg, params, p, g, r["sp"], r["t"], layout) / bw
                     line += f" {1e3 * floor:>9.3f} {r['step_ms'] / (1e3 * floor):>10.2f}"

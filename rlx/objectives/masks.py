@@ -94,13 +94,18 @@ def max_variance_subset_mask(advantages: Array, *, k, per_group: bool = True) ->
 
 
 def _top_fraction_mask(score: Array, valid: Array, ratio) -> Array:
-    """Keep the ceil(ratio · n_valid) highest-scoring valid entries (ties: lower index)."""
+    """Keep the ceil(ratio · n_valid) highest-scoring valid entries (ties: lower index).
+
+    A product within 1e-6 (relative) above an integer counts as that integer.
+    """
     flat = jnp.where(valid, score, -jnp.inf).reshape(-1)
     v = valid.reshape(-1)
     n_valid = jnp.sum(v)
     x = jnp.asarray(ratio, jnp.float32) * n_valid
-    # float32 round-off must not push an exact product (0.2 · 10) to the next integer
-    n_keep = jnp.ceil(x - 1e-6 * jnp.maximum(x, 1.0)).astype(jnp.int32)
+    # ceil(x), except that float32 round-off just above an integer (0.2f · 10 =
+    # 2.0000000298) must not add a token: within 1e-6 relative, round down
+    c = jnp.ceil(x)
+    n_keep = jnp.where(c - 1.0 >= x * (1.0 - 1e-6), c - 1.0, c).astype(jnp.int32)
     order = jnp.argsort(-flat, stable=True)
     rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
     return ((rank < n_keep) & v).reshape(score.shape)

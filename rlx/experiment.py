@@ -76,6 +76,14 @@ class Experiment:
       mesh_shape: (data, fsdp, tensor) or None for all devices on ``data``.
       export_hf: write the final policy as a Hugging Face folder.
       seed: run seed.
+      hf_checkpoint: start from a Hugging Face folder (config.json + safetensors, its
+        tokenizer too unless ``tokenizer`` is given) instead of a random ``model``.
+      data_file / eval_file: user prompts as JSON Lines or Parquet records
+        ``{"prompt", "answer"}`` (``rlx.data.records``) instead of ``task``; without
+        ``eval_file`` the last ``eval_problems`` records are held out.
+      rewards: reward-function names (``rlx.rewards``) summed with weight 1; default:
+        the task's own spec (``math_answer`` for user data).
+      use_chat_template: wrap prompts with the tokenizer's chat template.
     """
 
     run_dir: str = "runs/default"
@@ -102,13 +110,69 @@ class Experiment:
     mesh_shape: tuple | None = None
     export_hf: bool = True
     seed: int = 0
+    hf_checkpoint: str | None = None
+    data_file: str | None = None
+    eval_file: str | None = None
+    rewards: tuple = ()
+    use_chat_template: bool = False
 
 
 # ------------------------------------------------------------------------ pieces
+class UserData:
+    """Adapts user records to the task interface the experiment uses: the answer is
+    the SFT demonstration, rewards default to ``math_answer``."""
+
+    def __init__(self, exp: "Experiment"):
+        from rlx.data.records import read_records
+
+        records = read_records(exp.data_file)
+        if exp.eval_file:
+            self.train_set, self.heldout_set = records, read_records(exp.eval_file)
+        else:
+            if len(records) <= exp.eval_problems:
+                raise ValueError(f"{exp.data_file}: {len(records)} records, need more than "
+                                 f"eval_problems={exp.eval_problems} to hold some out")
+            self.train_set = records[:-exp.eval_problems]
+            self.heldout_set = records[-exp.eval_problems:]
+
+    def demonstration(self, problem) -> str:
+        return problem.answer
+
+    def reward_spec(self):
+        from rlx.rewards.spec import RewardComponent, RewardSpec
+        return RewardSpec((RewardComponent("math_answer"),))
+
+
+def load_problems(exp: "Experiment"):
+    """(task-like, train problems, held-out problems)."""
+    if exp.data_file:
+        data = UserData(exp)
+        return data, data.train_set, data.heldout_set
+    task = get_task(exp.task, **exp.task_kwargs)
+    return task, task.train(exp.train_problems, seed=exp.seed), \
+        task.heldout(exp.eval_problems, seed=exp.seed)
+
+
+def reward_spec(exp: "Experiment", task):
+    if not exp.rewards:
+        return task.reward_spec()
+    from rlx.rewards.spec import RewardComponent, RewardSpec
+    return RewardSpec(tuple(RewardComponent(name) for name in exp.rewards))
+
+
+def apply_chat_template(tok: Tokenizer, problems):
+    from rlx.data.templates import chat_prompt
+    from rlx.tasks import Problem
+    return [Problem(prompt=chat_prompt(tok, q.prompt), answer=q.answer, meta=q.meta)
+            for q in problems]
+
+
 def build_tokenizer(exp: Experiment, task, problems) -> Tokenizer:
     path = os.path.join(exp.run_dir, "tokenizer.model")
     if exp.tokenizer:
         return load_tokenizer(exp.tokenizer)
+    if exp.hf_checkpoint:
+        return load_tokenizer(exp.hf_checkpoint)
     if os.path.exists(path):
         return load_tokenizer(path)
     os.makedirs(exp.run_dir, exist_ok=True)
@@ -181,10 +245,10 @@ def run(exp: Experiment) -> dict:
     t_start = time.time()
     os.makedirs(exp.run_dir, exist_ok=True)
     mesh = sh.make_mesh(exp.mesh_shape)
-    task = get_task(exp.task, **exp.task_kwargs)
-    train = task.train(exp.train_problems, seed=exp.seed)
-    heldout = task.heldout(exp.eval_problems, seed=exp.seed)
+    task, train, heldout = load_problems(exp)
     tok = build_tokenizer(exp, task, train)
+    if exp.use_chat_template:
+        train, heldout = apply_chat_template(tok, train), apply_chat_template(tok, heldout)
     stop = (tok.eos_id,)
     sampler = dataclasses.replace(exp.sampler, stop_token_ids=stop, pad_id=tok.pad_id,
                                   num_generations=exp.num_generations,
@@ -192,12 +256,16 @@ def run(exp: Experiment) -> dict:
                                   temperature=exp.temperature,
                                   completion_buckets=tuple(sorted(
                                       {exp.max_new_tokens, *exp.sampler.completion_buckets})))
-    cfg = model_config(exp.model, **{"vocab_size": tok.vocab_size, **exp.model_overrides})
     logger = RunLogger(exp.run_dir, total_steps=exp.rl.steps)
-    pool = RewardPool(task.reward_spec(), backend="inline")
+    pool = RewardPool(reward_spec(exp, task), backend="inline")
 
     # 1. model + supervised warm-up (saved, so a restarted run skips it)
-    graphdef, params = api.init(cfg, seed=exp.seed)
+    if exp.hf_checkpoint:
+        from rlx.models.convert import load_hf
+        cfg, graphdef, params = load_hf(exp.hf_checkpoint, overrides=exp.model_overrides)
+    else:
+        cfg = model_config(exp.model, **{"vocab_size": tok.vocab_size, **exp.model_overrides})
+        graphdef, params = api.init(cfg, seed=exp.seed)
     sft_dir = os.path.join(exp.run_dir, "sft")
     sft_ckpt = ckpt_lib.Checkpointer(sft_dir, every_steps=None, keep=1, async_save=False)
     restored = sft_ckpt.restore_latest(ckpt_lib.abstract_like(params))

@@ -87,3 +87,49 @@ def test_ppo_experiment_trains_a_separate_critic(tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     rl_rows = [r for r in rows if r["step"] > 0]
     assert all("value_loss" in r and "loss" in r for r in rl_rows)
+
+
+def test_user_jsonl_data_and_hf_checkpoint_path(tmp_path):
+    from rlx.data.tokenizer import train_sentencepiece
+    from rlx.models import api
+    from rlx.models.config import model_config
+    from rlx.models.convert import save_hf
+
+    records = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(6)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    hf = tmp_path / "hf"
+    tok = train_sentencepiece([r["prompt"] + r["answer"] for r in records], vocab_size=40,
+                              model_prefix=str(tmp_path / "tok"))
+    cfg = model_config("tiny", vocab_size=tok.vocab_size)
+    save_hf(str(hf), cfg, api.init(cfg, seed=0)[1])
+    os.replace(tmp_path / "tok.model", hf / "tokenizer.model")
+    run_dir = str(tmp_path / "user")
+    params = TINY + [f'rlx.Experiment.run_dir = "{run_dir}"',
+                     f'rlx.Experiment.hf_checkpoint = "{hf}"',
+                     f'rlx.Experiment.data_file = "{data}"',
+                     'rlx.Experiment.rewards = ("numeric_exact_match",)',
+                     "rlx.Experiment.sft_steps = 0", "rlx.Experiment.export_hf = False"]
+    summary = train_cli.train_main(gin_params=params)
+    assert summary["rl_steps"] == 2
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert any("reward/numeric_exact_match" in r for r in rows)
+
+
+def test_malformed_user_data_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": 3}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        train_cli.train_main(gin_params=TINY + [f'rlx.Experiment.data_file = "{bad}"',
+                                                f'rlx.Experiment.run_dir = "{tmp_path}/r"'])
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo", "dr_grpo", "gspo", "rloo", "reinforce_pp",
+                                  "r2vpo", "bapo", "ppo"])
+def test_experiment_configs_parse_and_name_a_known_objective(name):
+    from rlx.experiment import Experiment, objective_by_name
+    here = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
+    train_cli.parse_config([os.path.join(here, f"{name}.gin")])
+    exp = Experiment()
+    assert exp.objective == name and exp.run_dir == f"runs/{name}"
+    objective_by_name(exp.objective)

@@ -39,6 +39,8 @@ def parse_config(gin_files=(), gin_params=()) -> None:
     for path in gin_files:
         if not os.path.isfile(path):
             raise ValueError(f"gin file {path!r} does not exist")
+        # `include "base.gin"` resolves next to the including file.
+        gin.add_config_file_search_path(os.path.dirname(os.path.abspath(path)))
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(gin_params),
                                             finalize_config=False, skip_unknown=False)

@@ -404,6 +404,10 @@ def generate(graphdef, params, prompts, prompt_mask, *, key: jax.Array,
     Returns:
       A ``Rollout`` with B = P·G rows, completion length T = the completion bucket of
       ``max_new_tokens``, prompt length Sp = the prompt bucket of the longest prompt.
+
+    ``generate`` is a host-level entry point (it validates and buckets concrete arrays,
+    then dispatches two jitted calls without a host sync in between). Code that is
+    itself jitted calls ``prefill`` and ``decode`` on a ``PreparedBatch``.
     """
     if mesh is not None:
         mesh = _auto(mesh)

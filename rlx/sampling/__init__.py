@@ -11,6 +11,7 @@ from rlx.sampling.rollout import Rollout
 
 __all__ = [
     "DEFAULT_COMPLETION_BUCKETS", "DEFAULT_PROMPT_BUCKETS", "DecodeState", "PreparedBatch",
-    "Rollout", "SamplerConfig", "bucket_length", "decode", "device_inputs", "generate", "min_p_mask", "prefill", "prepare",
-    "process_logits", "sample", "top_k_mask", "top_p_mask",
+    "Rollout", "SamplerConfig", "bucket_length", "decode", "device_inputs", "generate",
+    "min_p_mask", "prefill", "prepare", "process_logits", "sample", "top_k_mask",
+    "top_p_mask",
 ]

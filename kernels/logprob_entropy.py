@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -463,7 +464,7 @@ def _make_config(kind, interpret, temperature, n, n_vocab, itemsize, from_hidden
 
 
 def _check_common(targets, lead_shape, temperature, what):
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature)
             and temperature > 0):
         raise ValueError(f"temperature must be a finite positive float, got {temperature!r}")
     if not jnp.issubdtype(targets.dtype, jnp.integer):

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import flax.struct
 import jax
@@ -378,12 +379,12 @@ def _validate(new_logp, old_logp, mask, clamp):
         raise ValueError(f"old_logp shape {old_logp.shape} != new_logp shape {new_logp.shape}")
     if mask.shape != new_logp.shape:
         raise ValueError(f"mask shape {mask.shape} != new_logp shape {new_logp.shape}")
-    if not (isinstance(clamp, (int, float)) and math.isfinite(clamp) and clamp > 0):
+    if not (isinstance(clamp, numbers.Real) and math.isfinite(clamp) and clamp > 0):
         raise ValueError(f"log_ratio_clamp must be a finite positive float, got {clamp!r}")
 
 
 def _check_eps(name, eps):
-    if isinstance(eps, (int, float)) and not (math.isfinite(eps) and eps >= 0):
+    if isinstance(eps, numbers.Real) and not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"{name} must be a finite float >= 0, got {eps!r}")
 
 

@@ -255,7 +255,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
         for got, want in zip(out, (single.ratio, single.sequence, single.group, single.total)):
             for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
-        for about in ("mean", "one"):
+        for about in ("mean",):  # "one" differs only in the centre (unit-tested above)
             f1 = lambda x: rs.ratio_variance(x, old, mask, about=about, backend=backend, **bk)
             v1, g1 = jax.value_and_grad(f1)(new)
             def sharded(x):
@@ -272,14 +272,23 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_shard_map_over_four_devices_equals_single_device():
+@pytest.mark.parametrize(
+    "backends",
+    [("gpu",), pytest.param(("tpu", "reference"), marks=pytest.mark.slow)],
+    ids=["gpu", "tpu+reference"],
+)
+def test_shard_map_over_four_devices_equals_single_device(backends):
+    """Stats and the ratio-variance gradient under shard_map over 4 simulated CPU
+    devices equal the single-device result (subprocess: XLA_FLAGS must be set
+    before jax is imported). The GPU-interpret kernel run is the default; the
+    TPU-interpret and reference runs (~30 s CPU; the reference shares the psum
+    code with the kernel path) are marked slow."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, "gpu", "tpu", "reference"],
-                          env=env,
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, *backends], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.split() == ["OK", "gpu", "OK", "tpu", "OK", "reference"]
+    assert proc.stdout.split() == [w for b in backends for w in ("OK", b)]
 
 
 @pytest.fixture

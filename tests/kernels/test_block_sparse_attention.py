@@ -232,3 +232,36 @@ def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match="power of two"):
         bsa._check_hardware_blocks("gpu", sl.dense_causal_schedule(48, block_q=24, block_k=24), 64)
     bsa._check_hardware_blocks("gpu", sl.dense_causal_schedule(64, block_q=16, block_k=32), 64)
+
+
+# --------------------------------------------------------------------------- #
+# Hardware lowering without hardware
+# --------------------------------------------------------------------------- #
+
+
+def test_kernels_lower_for_tpu_mosaic_and_gpu_triton(monkeypatch):
+    """Forward and backward lower to Mosaic (TPU tiling rules checked at
+    lowering) and to Triton IR on this CPU-only machine, with hardware-legal
+    blocks. Pins jax 0.10.2 internals: the TPU lowering asks for a device kind."""
+    from jax import export
+    from jax._src.pallas.mosaic import tpu_info
+
+    from rlx_kernels import dispatch
+
+    monkeypatch.setattr(tpu_info, "get_device_kind", lambda: "TPU v5 lite")
+    monkeypatch.setattr(tpu_info, "get_num_device_cores", lambda: 1)
+    s = 300
+    seg = np.zeros((1, s), np.int32)
+    seg[:, 100:200], seg[:, 200:] = 1, 2
+    q = jax.ShapeDtypeStruct((1, s, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, s, 2, 128), jnp.bfloat16)
+    for kind, platform, block in (("tpu", "tpu", 128), ("gpu", "cuda", 64)):
+        monkeypatch.setattr(dispatch, "resolve_backend", lambda b, kind=kind: dispatch.Resolved(kind, False))
+        sched = sl.streaming_schedule(s, streaming_heads=[True, False, True, False], sink_blocks=1, local_blocks=1,
+                                      block_q=block, block_k=block, segment_ids=seg)
+        f = lambda q, k, v: bsa.block_sparse_attention(q, k, v, sched, segment_ids=seg, backend=kind)  # noqa
+        grad = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+        checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+        exported = export.export(jax.jit(grad), platforms=[platform], disabled_checks=checks)(q, kv, kv)
+        text = exported.mlir_module()
+        assert ("tpu_custom_call" in text) if kind == "tpu" else ("triton" in text)

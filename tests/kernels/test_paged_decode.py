@@ -142,3 +142,30 @@ def test_bad_inputs_raise_value_error():
         pd.select_pages(pd.page_scores(q, s), s, budget=0, sink_pages=0, local_pages=0)
     with pytest.raises(ValueError, match="k_new"):
         pd.update_page_summary(s, kc[:, 0, :1], 0, jnp.ones(B, bool))
+
+
+def test_decode_kernels_lower_for_tpu_mosaic_and_gpu_triton(monkeypatch):
+    """The decode kernels lower to Mosaic (TPU tiling checked) and Triton IR on
+    this CPU-only machine. Pins jax 0.10.2 internals (TPU device kind)."""
+    from jax import export
+    from jax._src.pallas.mosaic import tpu_info
+
+    from rlx_kernels import dispatch
+
+    monkeypatch.setattr(tpu_info, "get_device_kind", lambda: "TPU v5 lite")
+    monkeypatch.setattr(tpu_info, "get_num_device_cores", lambda: 1)
+    b, c, kh, h, d, ps = 2, 1024, 2, 8, 128, 16
+    q = jax.ShapeDtypeStruct((b, h, d), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((b, c, kh, d), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((b, c), jnp.bool_)
+    for kind, platform in (("tpu", "tpu"), ("gpu", "cuda")):
+        monkeypatch.setattr(dispatch, "resolve_backend", lambda be, kind=kind: dispatch.Resolved(kind, False))
+
+        def step(q, kc, vc, mask):
+            s = pd.page_summary(kc, mask, page_size=ps)
+            return pd.sparse_decode(q, kc, vc, mask, s, budget=8, sink_pages=2, local_pages=5, backend=kind)[0]
+
+        checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+        text = export.export(jax.jit(step), platforms=[platform], disabled_checks=checks)(q, cache, cache,
+                                                                                          mask).mlir_module()
+        assert ("tpu_custom_call" in text) if kind == "tpu" else ("triton" in text)

@@ -223,10 +223,6 @@ class BlockSchedule:
     def num_q_steps(self) -> int:
         return self.q_index.shape[-1]
 
-    def density(self) -> jax.Array:
-        """Fraction of block pairs visited (of all nq·nk pairs), per row/head."""
-        return jnp.mean(self.block_mask.astype(jnp.float32), axis=(-2, -1))
-
 
 def _index_lists(mask, max_steps: int, xp):
     """mask [..., n, m] → ascending true indices [..., n, max_steps], counts."""

@@ -200,3 +200,15 @@ def test_unpack_gathers_and_zeroes_padding():
     np.testing.assert_array_equal(out[..., 0], [[2.0, 3.0], [2.0, 0.0]])
     with pytest.raises(ValueError, match="completion_lens"):
         sl.prefix_grouper_pack(np.array([3, 4]), 2, np.array([[6, 7]]), np.array([2, 1]))
+
+
+def test_pack_vmaps_over_prompts_and_schedules_per_row():
+    prompts = np.array([[3, 4, 5, 0], [6, 7, 0, 0]])
+    comps = np.array([[[8, 9], [10, 0]], [[11, 12], [13, 14]]])
+    lens = np.array([[2, 1], [2, 2]])
+    p = jax.vmap(sl.prefix_grouper_pack)(prompts, np.array([3, 2]), comps, lens)
+    np.testing.assert_array_equal(p.segment_ids, [[0, 0, 0, 1, 1, 2, -1, -1], [0, 0, 1, 1, 2, 2, -1, -1]])
+    np.testing.assert_array_equal(p.positions[1], [0, 1, 2, 3, 2, 3, 0, 0])
+    sched = sl.prefix_grouper_schedule(np.asarray(p.segment_ids), block_q=2, block_k=2)
+    assert sched.kv_index.shape[:2] == (2, 1)
+    _check_schedule(sched, sl.segment_block_mask(np.asarray(p.segment_ids), block_q=2, block_k=2))

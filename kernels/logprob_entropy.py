@@ -415,7 +415,7 @@ _DEFAULTS = {
     # (block_n, block_v, block_d, num_warps)
     "tpu": (128, 1024, 0, 0),
     "tpu_hidden": (256, 512, 0, 0),
-    "gpu": (16, 1024, 0, 4),
+    "gpu": (16, 1024, 0, 8),
     "gpu_hidden": (16, 128, 64, 4),
 }
 

@@ -455,6 +455,10 @@ def _make_config(kind, interpret, temperature, n, n_vocab, itemsize, from_hidden
                     "GPU hidden-state kernel needs power-of-two block_n, block_v, "
                     f"block_d >= 16 (tl.dot), got {block_n}, {block_v}, {block_d}"
                 )
+    # Never tile past the array: TPU takes the full extent, GPU the next power of two.
+    fit = (lambda b, size: min(b, size)) if kind == "tpu" else (
+        lambda b, size: min(b, max(pl.next_power_of_2(size), 16 if from_hidden else 1)))
+    block_n, block_v = fit(block_n, max(n, 1)), fit(block_v, n_vocab)
     if bwd_chunk is None:
         bwd_chunk = _default_bwd_chunk(n, itemsize)
     if not isinstance(bwd_chunk, int) or bwd_chunk <= 0:

@@ -404,7 +404,9 @@ def _blocks(kind, b, t, block_b, block_t):
         for name, v in (("block_b", bb), ("block_t", bt)):
             if v & (v - 1):
                 raise ValueError(f"{name} must be a power of two on GPU, got {v}")
-    return bb, bt
+    if kind == "tpu":  # never tile past the array (full extent is always legal)
+        return min(bb, b), min(bt, t)
+    return min(bb, pl.next_power_of_2(b)), min(bt, pl.next_power_of_2(t))
 
 
 def _row_stats(new_logp, old_logp, mask, thr, clamp, backend, block_b, block_t):

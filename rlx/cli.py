@@ -29,7 +29,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 # Modules that register subcommands when imported (e.g. "rlx.train.cli").
-PLUGIN_MODULES: list[str] = ["rlx.train.cli"]
+PLUGIN_MODULES: list[str] = ["rlx.train.cli", "rlx.rlhf_cli"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,342 @@
+"""Preference data and the two preference-learning loops (reward model, DPO family).
+
+Synthetic pairs from a verifiable task (``make_preference_pairs``): for each problem the
+*chosen* response is the task's correct demonstration and the *rejected* one a plausible
+wrong answer made by corrupting it — a number moved by a small amount (``offset``), two
+adjacent digits of a number swapped (``digit_swap``), two numbers exchanged
+(``number_swap``: a wrong order for sorting, a wrong expression for Countdown), or a
+broken format (``format``: a digit dropped or the answer repeated). Every pair is checked
+with the task's own verifier (``task.reward_spec()``: first component ≥ 0.5 for chosen,
+< 0.5 for rejected), so a corruption that happens to still be correct is never used.
+
+Tokenised layout (``pairs_to_batch``): each row is ``[bos] prompt | response [eos]``,
+right-padded to one width per pair set; ``*_mask`` marks the response tokens (eos
+included), which are the targets of ``sequence_logprob`` and the tokens a reward model
+reads up to (its score sits at the last real token).
+
+Loops (host side; the updates are the jitted steps of ``rlx.train.steps``):
+
+- ``train_reward_model``: Bradley-Terry steps −log σ(r_c − r_r) (arXiv 2203.02155) on
+  random minibatches of pairs; held-out pair accuracy P[r(c) > r(r)] before and after.
+- ``train_dpo``: DPO / IPO / SimPO steps (arXiv 2305.18290, 2310.12036, 2405.14734)
+  against a frozen reference whose summed response log-probs are computed once per
+  pair before training; held-out preference accuracy P[h > 0] with the implicit-reward
+  margin h = (log π_c − log π_ref,c) − (log π_r − log π_ref,r), before and after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlx import sharding as sh
+from rlx.data.records import PreferencePair
+from rlx.train import optim
+from rlx.train import state as state_lib
+from rlx.train import steps as steps_lib
+from rlx.train.batches import PairBatch, make_sequences
+
+CORRUPTIONS = ("offset", "digit_swap", "number_swap", "format")
+_NUMBER = re.compile(r"\d+")
+
+
+# ------------------------------------------------------------------------------ pairs
+def corrupt(text: str, kind: str, rng: random.Random) -> str | None:
+    """One corruption of ``text`` (see the module docstring), or None if it has no
+    number to corrupt in that way."""
+    spans = [m.span() for m in _NUMBER.finditer(text)]
+    if kind == "offset":
+        if not spans:
+            return None
+        a, b = rng.choice(spans)
+        value, delta = int(text[a:b]), rng.choice((1, 2, 3))
+        value = value - delta if value >= delta and rng.random() < 0.5 else value + delta
+        return text[:a] + str(value) + text[b:]
+    if kind == "digit_swap":
+        options = [(a + i) for a, b in spans for i in range(b - a - 1)
+                   if text[a + i] != text[a + i + 1]]
+        if not options:
+            return None
+        i = rng.choice(options)
+        return text[:i] + text[i + 1] + text[i] + text[i + 2:]
+    if kind == "number_swap":
+        pairs = [(s, t) for j, s in enumerate(spans) for t in spans[j + 1:]
+                 if text[s[0]:s[1]] != text[t[0]:t[1]]]
+        if not pairs:
+            return None
+        (a, b), (c, d) = rng.choice(pairs)
+        return text[:a] + text[c:d] + text[b:c] + text[a:b] + text[d:]
+    if kind == "format":
+        if not spans:
+            return None
+        a, b = rng.choice(spans)
+        if b - a > 1 and rng.random() < 0.5:
+            i = rng.randrange(a, b)
+            return text[:i] + text[i + 1:]
+        return text + text[a:b]
+    raise ValueError(f"corruption kind {kind!r}: expected one of {CORRUPTIONS}")
+
+
+def _correct(spec, completion: str, problem) -> bool:
+    try:
+        return bool(spec.score(completion, problem)[1][0] >= 0.5)
+    except Exception:  # noqa: BLE001 - a verifier error means "not verified correct"
+        return False
+
+
+def make_preference_pairs(task, problems: Sequence[Any], *, rng: random.Random,
+                          pairs_per_problem: int = 1,
+                          corruptions: Sequence[str] = CORRUPTIONS,
+                          tries: int = 8) -> list[PreferencePair]:
+    """Synthetic (prompt, chosen = correct demonstration, rejected = wrong answer) pairs.
+
+    Args:
+      task: has ``demonstration(problem)`` and ``reward_spec()`` (an ``rlx.tasks.Task``
+        or the experiment's user-data adapter).
+      problems: the problems to make pairs from (one split only, to keep held-out
+        pairs held out).
+      rng: ``random.Random``; the same seed gives the same pairs.
+      pairs_per_problem: distinct rejected responses per problem (fewer when a problem
+        has fewer distinct verified-wrong corruptions within ``tries`` draws each).
+      corruptions: kinds drawn uniformly (subset of ``CORRUPTIONS``).
+
+    A problem whose demonstration the verifier rejects (bad data) is skipped; the pair's
+    ``meta`` records the corruption kind and the problem.
+    """
+    bad = [k for k in corruptions if k not in CORRUPTIONS]
+    if bad or not corruptions:
+        raise ValueError(f"corruptions={tuple(corruptions)!r}: expected a non-empty subset "
+                         f"of {CORRUPTIONS}")
+    if pairs_per_problem < 1:
+        raise ValueError(f"pairs_per_problem must be >= 1, got {pairs_per_problem!r}")
+    spec = task.reward_spec()
+    out: list[PreferencePair] = []
+    for q in problems:
+        chosen = task.demonstration(q)
+        if not _correct(spec, chosen, q):
+            continue
+        seen: set[str] = set()
+        for _ in range(pairs_per_problem):
+            for _ in range(tries):
+                kind = rng.choice(tuple(corruptions))
+                rejected = corrupt(chosen, kind, rng)
+                if rejected and rejected not in seen and rejected != chosen \
+                        and not _correct(spec, rejected, q):
+                    seen.add(rejected)
+                    out.append(PreferencePair(q.prompt, chosen, rejected,
+                                              {"corruption": kind, "problem": q}))
+                    break
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _logprob_fn(graphdef):
+    return jax.jit(functools.partial(steps_lib.sequence_logprob, graphdef))
+
+
+@functools.lru_cache(maxsize=8)
+def _reward_fn(graphdef):
+    from rlx.models import api
+
+    return jax.jit(lambda p, s: api.rewards(graphdef, p, s.tokens, s.positions,
+                                            s.attention_mask))
+
+
+# ---------------------------------------------------------------------------- batches
+def _encode(tok, prompt: str, response: str) -> tuple[list[int], int]:
+    head = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
+    tail = tok.encode(response) + ([tok.eos_id] if tok.eos_id is not None else [])
+    return head + tail, len(head)
+
+
+def pair_width(tok, pairs: Sequence[PreferencePair], *, multiple: int = 8) -> int:
+    """The padded width S that fits every sequence of ``pairs`` (rounded up)."""
+    longest = max(len(_encode(tok, p.prompt, r)[0]) for p in pairs
+                  for r in (p.chosen, p.rejected))
+    return -(-longest // multiple) * multiple
+
+
+def pairs_to_batch(tok, pairs: Sequence[PreferencePair], *, width: int | None = None
+                   ) -> PairBatch:
+    """Tokenises pairs into a ``PairBatch`` [B, S] (right padding, zero reference
+    log-probs; fill them with ``with_reference_logprobs``).
+
+    Raises ValueError when a sequence is longer than ``width`` or a response is empty.
+    """
+    if not pairs:
+        raise ValueError("pairs_to_batch: no pairs")
+    width = width or pair_width(tok, pairs)
+    n = len(pairs)
+
+    def side(texts_of):
+        ids = np.full((n, width), tok.pad_id, np.int32)
+        mask = np.zeros((n, width), bool)
+        target = np.zeros((n, width), np.float32)
+        for i, p in enumerate(pairs):
+            row, start = _encode(tok, p.prompt, texts_of(p))
+            if len(row) > width:
+                raise ValueError(f"pair {i}: {len(row)} tokens exceed width={width}")
+            if len(row) == start:
+                raise ValueError(f"pair {i}: empty response")
+            ids[i, :len(row)] = row
+            mask[i, :len(row)] = True
+            target[i, start:len(row)] = 1.0
+        return make_sequences(ids, mask), jnp.asarray(target)
+
+    chosen, chosen_mask = side(lambda p: p.chosen)
+    rejected, rejected_mask = side(lambda p: p.rejected)
+    zeros = jnp.zeros((n,), jnp.float32)
+    return PairBatch(chosen=chosen, rejected=rejected, chosen_mask=chosen_mask,
+                     rejected_mask=rejected_mask, ref_chosen_logp=zeros,
+                     ref_rejected_logp=zeros)
+
+
+def take(batch: PairBatch, rows) -> PairBatch:
+    """Rows ``rows`` of every [B, ...] leaf."""
+    rows = jnp.asarray(rows)
+    return jax.tree.map(lambda x: x[rows], batch)
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield np.arange(start, min(start + size, n))
+
+
+def with_reference_logprobs(graphdef, ref_params, batch: PairBatch, *, chunk: int = 64
+                            ) -> PairBatch:
+    """Fills ``ref_*_logp`` [B] with the frozen reference's summed response log-probs."""
+    fn = _logprob_fn(graphdef)
+    rc, rr = [], []
+    for rows in _chunks(batch.chosen.tokens.shape[0], chunk):
+        part = take(batch, rows)
+        rc.append(fn(ref_params, part.chosen, part.chosen_mask))
+        rr.append(fn(ref_params, part.rejected, part.rejected_mask))
+    return dataclasses.replace(batch, ref_chosen_logp=jnp.concatenate(rc),
+                               ref_rejected_logp=jnp.concatenate(rr))
+
+
+# ---------------------------------------------------------------------- evaluation
+def reward_scores(graphdef, params, batch: PairBatch, *, chunk: int = 64
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Reward-model scores (chosen [B], rejected [B]) as float32 numpy."""
+    fn = _reward_fn(graphdef)
+    rc, rr = [], []
+    for rows in _chunks(batch.chosen.tokens.shape[0], chunk):
+        part = take(batch, rows)
+        rc.append(np.asarray(fn(params, part.chosen)))
+        rr.append(np.asarray(fn(params, part.rejected)))
+    return np.concatenate(rc), np.concatenate(rr)
+
+
+def reward_model_accuracy(graphdef, params, batch: PairBatch) -> dict:
+    """Pair accuracy P[r(chosen) > r(rejected)] and the mean margin."""
+    rc, rr = reward_scores(graphdef, params, batch)
+    return {"rm/accuracy": float(np.mean(rc > rr)), "rm/margin": float(np.mean(rc - rr))}
+
+
+def preference_margins(graphdef, params, batch: PairBatch, *, chunk: int = 64
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(h [B], Δ [B]): the DPO implicit-reward margin h against the batch's reference
+    log-probs, and the raw policy log-prob gap Δ = log π(c) − log π(r)."""
+    fn = _logprob_fn(graphdef)
+    lc, lr = [], []
+    for rows in _chunks(batch.chosen.tokens.shape[0], chunk):
+        part = take(batch, rows)
+        lc.append(np.asarray(fn(params, part.chosen, part.chosen_mask)))
+        lr.append(np.asarray(fn(params, part.rejected, part.rejected_mask)))
+    lc, lr = np.concatenate(lc), np.concatenate(lr)
+    h = (lc - np.asarray(batch.ref_chosen_logp)) - (lr - np.asarray(batch.ref_rejected_logp))
+    return h, lc - lr
+
+
+def preference_accuracy(graphdef, params, batch: PairBatch) -> dict:
+    """P[h > 0], mean h (implicit-reward margin) and P[log π(c) > log π(r)]."""
+    h, gap = preference_margins(graphdef, params, batch)
+    return {"pref/accuracy": float(np.mean(h > 0)), "pref/margin": float(np.mean(h)),
+            "pref/logp_accuracy": float(np.mean(gap > 0))}
+
+
+# --------------------------------------------------------------------------- loops
+def _train(step_factory, params, batch: PairBatch, *, steps: int, batch_size: int,
+           lr: float, seed: int, mesh, log_every: int, logger,
+           log_offset: int | None):
+    """Shared loop: random minibatches of ``batch_size`` pairs, ``steps`` jitted steps.
+    Logged at step ``i + 1 + log_offset`` (None: ``-steps``, i.e. ending at 0 like the
+    SFT warm-up, for a phase that precedes RL)."""
+    log_offset = -steps if log_offset is None else log_offset
+    n = batch.chosen.tokens.shape[0]
+    if batch_size > n:
+        raise ValueError(f"batch_size={batch_size} exceeds the {n} training pairs")
+    mesh = mesh or sh.make_mesh()
+    tx = optim.optimizer(learning_rate=lr, schedule="cosine", warmup_steps=min(10, steps),
+                         total_steps=steps, end_factor=0.1)
+    state = state_lib.create(params, tx, seed=seed)
+    shardings = sh.state_shardings(state, mesh)
+    state = sh.place(state, shardings)
+    rng = np.random.default_rng(seed)
+    step_fn, history = None, []
+    for i in range(steps):
+        mb = sh.shard_batch(take(batch, rng.choice(n, batch_size, replace=False)), mesh)
+        if step_fn is None:
+            step_fn = steps_lib.jit_step(step_factory(tx), mesh, shardings, mb)
+        state, metrics = step_fn(state, mb)
+        if (i + 1) % log_every == 0 or i + 1 == steps:
+            row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            history.append({"step": i + 1, **row})
+            if logger is not None:
+                logger.log(i + 1 + log_offset, row)
+    return state.params, history
+
+
+def train_reward_model(graphdef, params, train: PairBatch, heldout: PairBatch, *,
+                       steps: int, batch_size: int = 32, lr: float = 1e-3,
+                       margin: float | None = None, seed: int = 0, mesh=None,
+                       log_every: int = 25, logger=None, log_offset: int | None = None
+                       ) -> tuple[Any, dict]:
+    """Bradley-Terry training of a reward model (``api.init(cfg, kind="reward")``).
+
+    Returns (params, report) with ``rm/accuracy_before``, ``rm/accuracy`` (after),
+    ``rm/margin`` on ``heldout`` and the logged training rows under ``history``.
+    """
+    before = reward_model_accuracy(graphdef, params, heldout)
+    params, history = _train(
+        lambda tx: steps_lib.make_reward_model_step(graphdef, tx, margin=margin),
+        params, train, steps=steps, batch_size=batch_size, lr=lr, seed=seed, mesh=mesh,
+        log_every=log_every, logger=logger, log_offset=log_offset)
+    after = reward_model_accuracy(graphdef, params, heldout)
+    return params, {"rm/accuracy_before": before["rm/accuracy"], **after,
+                    "history": history}
+
+
+def train_dpo(graphdef, params, ref_params, train: PairBatch, heldout: PairBatch, *,
+              steps: int, batch_size: int = 32, lr: float = 1e-4, loss: str = "dpo",
+              beta: float = 0.1, seed: int = 0, mesh=None, log_every: int = 25,
+              logger=None, log_offset: int | None = None, **loss_kwargs
+              ) -> tuple[Any, dict]:
+    """DPO-family training of the policy against the frozen ``ref_params``.
+
+    Reference log-probs of both pair sets are computed once, before the first step.
+    Returns (params, report): ``pref/accuracy`` (P[h>0]), ``pref/margin`` (mean h),
+    ``pref/logp_accuracy`` on ``heldout`` after training, the same with ``_before``
+    (h ≡ 0 at the start, so only the log-prob accuracy is informative there), and
+    ``history``.
+    """
+    train = with_reference_logprobs(graphdef, ref_params, train)
+    heldout = with_reference_logprobs(graphdef, ref_params, heldout)
+    before = preference_accuracy(graphdef, params, heldout)
+    params, history = _train(
+        lambda tx: steps_lib.make_preference_step(graphdef, tx, loss=loss, beta=beta,
+                                                  **loss_kwargs),
+        params, train, steps=steps, batch_size=batch_size, lr=lr, seed=seed, mesh=mesh,
+        log_every=log_every, logger=logger, log_offset=log_offset)
+    after = preference_accuracy(graphdef, params, heldout)
+    return params, {**{f"{k}_before": v for k, v in before.items()}, **after,
+                    "history": history}

@@ -10,11 +10,9 @@ from rlx_kernels import block_sparse_attention as bsa
 
 
 def _qkv(seed, b, s, h, kh, d, dtype=jnp.float32):
-    ks = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(ks[0], (b, s, h, d), jnp.float32).astype(dtype)
-    k = jax.random.normal(ks[1], (b, s, kh, d), jnp.float32).astype(dtype)
-    v = jax.random.normal(ks[2], (b, s, kh, d), jnp.float32).astype(dtype)
-    return q, k, v
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+                 for shape in ((b, s, h, d), (b, s, kh, d), (b, s, kh, d)))
 
 
 def _numpy_attention(q, k, v, mask, scale):
@@ -42,7 +40,7 @@ def _loss(out, cot):
 
 
 def _check_against_reference(q, k, v, schedule, seg, backend, atol, rtol):
-    cot = jax.random.normal(jax.random.key(7), q.shape, jnp.float32)
+    cot = np.random.default_rng(7).standard_normal(q.shape).astype(np.float32)
 
     @jax.jit
     def both(q, k, v):
@@ -106,7 +104,7 @@ def test_bfloat16_kernel_close_to_float32_reference(backend):
     schedule = sl.prefix_grouper_schedule(SEG[:1], block_q=8, block_k=8)
     q, k, v = _qkv(4, 1, 21, 2, 1, 16, jnp.bfloat16)
     q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
-    cot = jax.random.normal(jax.random.key(5), q.shape)
+    cot = np.random.default_rng(5).standard_normal(q.shape).astype(np.float32)
     kern = lambda q, k, v: bsa.block_sparse_attention(q, k, v, schedule, segment_ids=SEG[:1], backend=backend)  # noqa
     ref = lambda q, k, v: bsa.reference_block_sparse_attention(q, k, v, schedule, segment_ids=SEG[:1])  # noqa
 
@@ -164,13 +162,10 @@ def test_prefix_grouper_packed_row_equals_naive_batch_logprobs_and_grads():
     src_naive = np.where(slot < plen, slot, np.where(slot < plen + lens[:, None], lp + np.arange(g)[:, None] * t
                                                      + slot - plen, zero))
 
-    ks = jax.random.split(jax.random.key(8), 7)
-    feats = dict(
-        pq=jax.random.normal(ks[0], (lp, h, d)), pk=jax.random.normal(ks[1], (lp, kh, d)),
-        pv=jax.random.normal(ks[2], (lp, kh, d)), cq=jax.random.normal(ks[3], (g, t, h, d)),
-        ck=jax.random.normal(ks[4], (g, t, kh, d)), cv=jax.random.normal(ks[5], (g, t, kh, d)),
-    )
-    w = jax.random.normal(ks[6], (h * d, vocab))
+    shapes = dict(pq=(lp, h, d), pk=(lp, kh, d), pv=(lp, kh, d), cq=(g, t, h, d), ck=(g, t, kh, d),
+                  cv=(g, t, kh, d))
+    feats = {n: jnp.asarray(rng.standard_normal(shp), jnp.float32) for n, shp in shapes.items()}
+    w = jnp.asarray(rng.standard_normal((h * d, vocab)), jnp.float32)
     weights = jnp.asarray(rng.normal(size=(g, t)) * n_mask, jnp.float32)
     pg_sched = sl.prefix_grouper_schedule(packed.segment_ids[None], block_q=4, block_k=4)
     naive_sched = sl.prefix_grouper_schedule(n_seg, block_q=8, block_k=8)

@@ -11,10 +11,9 @@ B, C, K, H, D, PS = 2, 32, 2, 4, 8, 4  # 8 pages of 4 slots, GQA group 2
 
 
 def _cache(seed=0, dtype=jnp.float32):
-    ks = jax.random.split(jax.random.key(seed), 3)
-    kc = jax.random.normal(ks[0], (B, C, K, D), jnp.float32).astype(dtype)
-    vc = jax.random.normal(ks[1], (B, C, K, D), jnp.float32).astype(dtype)
-    q = jax.random.normal(ks[2], (B, H, D), jnp.float32).astype(dtype)
+    rng = np.random.default_rng(seed)
+    kc, vc, q = (jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+                 for shape in ((B, C, K, D), (B, C, K, D), (B, H, D)))
     mask = np.zeros((B, C), bool)
     mask[0, :27] = True  # right-filled row, last page partly written
     mask[1, 6:30] = True  # left-padded row: pages 0 empty, 1 partial

@@ -122,6 +122,34 @@ def test_bfloat16_kernel_close_to_float32_reference(backend):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b), atol=4e-2 * scale, err_msg=f"d{name}")
 
 
+def test_arbitrary_block_mask_with_an_empty_query_block_matches_reference():
+    # Any causal block mask is a valid schedule; query block 1 visits nothing
+    # (its rows output 0), other blocks skip random key blocks.
+    rng = np.random.default_rng(9)
+    causal = sl.causal_block_mask(30, block_q=8, block_k=8)
+    mask = causal & (rng.random(causal.shape) < 0.6)
+    mask[..., np.arange(4), np.arange(4)] = True
+    mask[..., 1, :] = False
+    schedule = sl.make_schedule(mask, seq_len=30, block_q=8, block_k=8)
+    q, k, v = _qkv(10, 1, 30, 2, 1, 16)
+    out, grads = _check_against_reference(q, k, v, schedule, None, "gpu", atol=2e-5, rtol=2e-5)
+    assert np.all(np.asarray(out)[:, 8:16] == 0) and np.all(np.asarray(grads[0])[:, 8:16] == 0)
+
+
+def test_auto_backend_follows_dispatcher(monkeypatch):
+    from rlx_kernels import dispatch
+
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert jax.default_backend() == "cpu"  # auto → the jnp reference
+    schedule = sl.dense_causal_schedule(8, block_q=8, block_k=8)
+    q, k, v = _qkv(11, 1, 8, 2, 1, 16)
+    ref = bsa.reference_attention(q, k, v, sl.token_mask(None, 8))
+    np.testing.assert_array_equal(np.asarray(bsa.block_sparse_attention(q, k, v, schedule)), np.asarray(ref))
+    with dispatch.force_backend("gpu"):
+        out = bsa.block_sparse_attention(q, k, v, schedule)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)
+
+
 def test_streaming_heads_ignore_keys_outside_sink_and_window():
     # Changing a key outside a streaming head's blocks changes only dense heads.
     s = 24

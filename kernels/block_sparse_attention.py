@@ -26,7 +26,12 @@ positions only drive RoPE, applied before this call).
 
 Backends: ``"tpu"`` (Mosaic; schedule scalar-prefetched through
 ``pltpu.PrefetchScalarGridSpec``, grid (B, H, nq, steps) with the last axis
-sequential; on hardware block sizes must be multiples of 128), ``"gpu"``
+sequential; head-major [B, H, S, Dh] operands so blocks are (block, Dh) tiles;
+segment ids, lse and D are passed as [.., 1, S] rows and turned into columns
+in-kernel; the forward writes lse lane-broadcast [B, H, S, 128] as JAX's splash
+attention does; padded schedule steps repeat the last block index so the
+pipeline issues no copy; on hardware block sizes must be multiples of 128,
+checked), ``"gpu"``
 (Triton; grid (B, H, nq), the schedule is an int array input walked by a
 ``fori_loop``; block sizes and Dh powers of two, ≥ 16 on hardware),
 ``"reference"`` (pure jnp, :func:`reference_attention` on the element mask),

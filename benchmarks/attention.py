@@ -62,12 +62,12 @@ def _fns(schedule, seg, backend):
     return jax.jit(fwd), jax.jit(fwd_bwd)
 
 
-def _streaming_for_density(s, bq, bk, h, density):
+def _streaming_for_density(s, bq, bk, density):
     """All heads streaming with sink 1 and a local window hitting ``density``."""
     causal = sl.causal_block_mask(s, block_q=bq, block_k=bk).sum()
     best = None
     for local in range(1, s // bk + 1):
-        m = sl.streaming_block_mask(s, streaming_heads=[True] * h, sink_blocks=1, local_blocks=local, block_q=bq,
+        m = sl.streaming_block_mask(s, streaming_heads=[True], sink_blocks=1, local_blocks=local, block_q=bq,
                                     block_k=bk)
         dens = m[0, 0].sum() / causal
         if best is None or abs(dens - density) < abs(best[1] - density):
@@ -75,7 +75,7 @@ def _streaming_for_density(s, bq, bk, h, density):
         if dens >= density:
             break
     mask, dens = best
-    return sl.make_schedule(mask[:, :1], seq_len=s, block_q=bq, block_k=bk), float(dens)
+    return sl.make_schedule(mask, seq_len=s, block_q=bq, block_k=bk), float(dens)
 
 
 def bench_sparse(cfg, backend, reps):
@@ -91,7 +91,7 @@ def bench_sparse(cfg, backend, reps):
             if target >= 1.0:
                 sched, dens = dense_sched, 1.0
             else:
-                sched, dens = _streaming_for_density(s, bq, bk, h, target)
+                sched, dens = _streaming_for_density(s, bq, bk, target)
             pairs = int(np.asarray(sched.block_mask).sum())
             flops = 4.0 * bq * bk * d * h * b * pairs
             fwd, fwd_bwd = _fns(sched, None, backend)

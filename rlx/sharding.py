@@ -159,12 +159,31 @@ def state_shardings(state, mesh: Mesh, rules=PARAM_RULES):
 
 
 def place(tree, shardings):
-    """device_put a pytree onto matching shardings (works on multi-host too)."""
+    """device_put a pytree onto matching shardings (works on multi-host too).
+
+    Leaves are host values, process-local arrays, or (multi-host) global arrays that
+    span other processes, e.g. the parameters of an earlier sharded phase; those are
+    resharded on device, since no single host holds their value.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    targets = treedef.flatten_up_to(shardings)
+    spanning = [i for i, x in enumerate(leaves)
+                if isinstance(x, jax.Array) and not x.is_fully_addressable]
+    if spanning:
+        # jnp.copy: fresh buffers, because the steps donate their state.
+        moved = jax.jit(lambda xs: [jnp.copy(x) for x in xs],
+                        out_shardings=[targets[i] for i in spanning])(
+                            [leaves[i] for i in spanning])
+        leaves = list(leaves)
+        for i, x in zip(spanning, moved):
+            leaves[i] = x
     if jax.process_count() > 1:
         def put(x, s):
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:
+                return x
             x = np.asarray(x)
             return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-        return jax.tree.map(put, tree, shardings)
+        return treedef.unflatten([put(x, s) for x, s in zip(leaves, targets)])
     # Copy first: a replicated put may alias the source buffer on its own device, and
     # the steps donate their state, which would delete the caller's arrays.
     tree = jax.tree.map(lambda x: jnp.array(x, copy=True), tree)

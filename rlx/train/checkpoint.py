@@ -66,7 +66,7 @@ def state_digest(tree: Any) -> list[int]:
               for x in jax.tree.leaves(tree)]
     out = _digests(leaves)
     if not out.is_fully_addressable:
-        out = multihost_utils.process_allgather(out)
+        out = multihost_utils.process_allgather(out, tiled=True)
     return [int(v) for v in np.asarray(out)]
 
 

@@ -8,7 +8,9 @@ Each process gets ``LOCAL_DEVICES`` CPU devices (env, default 2), runs
 ``SFT_STEPS`` SFT steps then ``POLICY_STEPS`` GRPO (kl_coef=0) policy steps on fixed
 batches for every mesh, gathers the parameters to host with
 ``process_allgather`` and writes them (flattened, one vector per mesh) plus the
-per-step losses to OUT_NPZ.
+per-step losses to OUT_NPZ. The policy phase starts from a fresh state built on the
+SFT phase's (global) parameters, as ``rlx.experiment`` does, and its final state goes
+through a checkpoint save/restore in ``$CKPT_DIR/<mesh>`` (shared by all processes).
 """
 
 import os
@@ -51,6 +53,7 @@ from rlx.objectives.types import PolicyBatch  # noqa: E402
 from rlx.train import state as st  # noqa: E402
 from rlx.train import steps  # noqa: E402
 from rlx.train.batches import RolloutBatch, SFTBatch, make_sequences  # noqa: E402
+from rlx.train.checkpoint import Checkpointer, abstract_like  # noqa: E402
 
 SFT_STEPS = int(os.environ.get("SFT_STEPS", "2"))
 POLICY_STEPS = int(os.environ.get("POLICY_STEPS", "2"))
@@ -109,10 +112,26 @@ for shape in mesh_shapes:
     for _ in range(SFT_STEPS):
         state, metrics = sft_step(state, sft)
         losses.append(float(metrics["sft_loss"]))
+    # As in rlx.experiment: the SFT params (global arrays) start a fresh RL state.
+    state = sh.place(st.create(state.params, tx, seed=0, objective_state=objective.init()),
+                     shardings)
     for _ in range(POLICY_STEPS):
         state, metrics = policy_step(state, rb)
         losses.append(float(metrics["loss"]))
     mark(f"mesh {name}: stepped")
+    # Checkpoint round trip with every process writing its own shards to one directory.
+    ckpt = Checkpointer(os.path.join(os.environ["CKPT_DIR"], name), async_save=False)
+    ckpt.save(POLICY_STEPS, state, {"next_index": 7}, {"iteration": POLICY_STEPS})
+    got = ckpt.restore_latest(abstract_like(state, shardings))
+    ckpt.close()
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(gather(got[1])),
+                                                    jax.tree.leaves(gather(state))))
+    out["checkpoint:" + name] = np.asarray(
+        [got[0] == POLICY_STEPS, same, got[2] == {"next_index": 7},
+         got[3] == {"iteration": POLICY_STEPS},
+         all(a.sharding == b.sharding
+             for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(state)))])
+    mark(f"mesh {name}: checkpointed")
     leaves = jax.tree.leaves(gather(state.params))
     out["params:" + name] = np.concatenate([np.ravel(np.asarray(x)) for x in leaves])
     out["losses:" + name] = np.asarray(losses)

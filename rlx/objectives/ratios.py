@@ -1,7 +1,9 @@
 """Importance ratios and their batch statistics.
 
-``ratio_metrics`` is the single entry point for ratio statistics; a fused Pallas
-kernel may later be dispatched from here, so its contract is fixed:
+``ratio_metrics`` is the single entry point for ratio statistics. It runs the fused
+one-pass kernel ``rlx_kernels.ratio_stats.ratio_statistics`` through its dispatcher
+(Mosaic on TPU, Triton on NVIDIA GPUs, the pure-jnp reference elsewhere; force a path
+with ``rlx_kernels.dispatch.force_backend`` or ``RLX_KERNEL_BACKEND``). Contract:
 
     ratio_metrics(logp [B,T], old_logp [B,T], mask [B,T], *, eps_low, eps_high,
                   clamp=20., axis_name=None) -> dict[str, scalar]
@@ -56,26 +58,20 @@ def ratio_metrics(
     axis_name: str | None = None,
 ) -> dict:
     """Ratio statistics over valid tokens; see the module docstring for the contract."""
-    lr = jax.lax.stop_gradient(log_ratio(logp, old_logp, mask, clamp=clamp))
-    m = (mask > 0).astype(lr.dtype)
-    r = jnp.exp(lr)
-    n = psum(m.sum(), axis_name)
+    from rlx_kernels.ratio_stats import ratio_statistics
 
-    def mean(x):
-        return safe_div(psum((x * m).sum(), axis_name), n)
-
-    rmin = jnp.where(m > 0, r, jnp.inf).min()
-    rmax = jnp.where(m > 0, r, -jnp.inf).max()
-    if axis_name is not None:
-        rmin = jax.lax.pmin(rmin, axis_name)
-        rmax = jax.lax.pmax(rmax, axis_name)
+    group_ids = jnp.zeros(logp.shape[:1], jnp.int32)
+    stats = ratio_statistics(logp, old_logp, mask, group_ids, num_groups=1,
+                             eps_low=eps_low, eps_high=eps_high, log_ratio_clamp=clamp,
+                             axis_name=axis_name).total
+    n = stats.count
     return {
-        "ratio/mean": mean(r),
-        "ratio/min": jnp.where(n > 0, rmin, 1.0),
-        "ratio/max": jnp.where(n > 0, rmax, 1.0),
-        "ratio/clip_frac_low": mean((r < 1.0 - eps_low).astype(r.dtype)),
-        "ratio/clip_frac_high": mean((r > 1.0 + eps_high).astype(r.dtype)),
-        "ratio/approx_kl": mean(r - 1.0 - lr),
+        "ratio/mean": stats.mean_ratio,
+        "ratio/min": jnp.where(n > 0, stats.min_ratio, 1.0),
+        "ratio/max": jnp.where(n > 0, stats.max_ratio, 1.0),
+        "ratio/clip_frac_low": stats.clip_fraction_low,
+        "ratio/clip_frac_high": stats.clip_fraction_high,
+        "ratio/approx_kl": stats.mean_k3,
         "ratio/valid_tokens": n,
     }
 

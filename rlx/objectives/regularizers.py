@@ -100,12 +100,12 @@ def ratio_variance(
     """
     if about not in ("mean", "one"):
         raise ValueError(f"about must be 'mean' or 'one', got {about!r}")
-    m = (mask > 0).astype(logp.dtype)
-    d = (jnp.exp(log_ratio(logp, old_logp, m, clamp=clamp)) - 1.0) * m
-    n = psum(m.sum(), axis_name)
-    s1 = safe_div(psum(d.sum(), axis_name), n)
-    s2 = safe_div(psum((d * d).sum(), axis_name), n)
-    return s2 if about == "one" else s2 - s1 * s1
+    # The fused kernel (rlx_kernels.ratio_stats) with its custom VJP
+    # dVar/dlogp_t = (2/N)·m_t·ρ_t·(ρ_t − μ̂) (about="mean"), via the dispatcher.
+    from rlx_kernels.ratio_stats import ratio_variance as kernel_ratio_variance
+
+    return kernel_ratio_variance(logp, old_logp, mask, about=about, log_ratio_clamp=clamp,
+                                 axis_name=axis_name)
 
 
 def r2vpo_init(lambda_init: float = 0.04) -> R2VPOState:

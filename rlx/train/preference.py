@@ -184,7 +184,7 @@ def pairs_to_batch(tok, pairs: Sequence[PreferencePair], *, width: int | None = 
             row, start = _encode(tok, p.prompt, texts_of(p))
             if len(row) > width:
                 raise ValueError(f"pair {i}: {len(row)} tokens exceed width={width}")
-            if len(row) == start:
+            if not texts_of(p):
                 raise ValueError(f"pair {i}: empty response")
             ids[i, :len(row)] = row
             mask[i, :len(row)] = True

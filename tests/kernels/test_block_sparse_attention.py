@@ -99,7 +99,7 @@ def test_dense_kernel_matches_reference_and_numpy():
     np.testing.assert_allclose(np.asarray(tpu), expected, atol=2e-5)
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("backend", ["gpu", pytest.param("tpu", marks=pytest.mark.slow)])
 def test_bfloat16_kernel_close_to_float32_reference(backend):
     schedule = sl.prefix_grouper_schedule(SEG[:1], block_q=8, block_k=8)
     q, k, v = _qkv(4, 1, 21, 2, 1, 16, jnp.bfloat16)

@@ -1,5 +1,7 @@
 """Block-sparse attention kernels (TPU and GPU, interpret mode) vs the jnp reference."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,9 +209,10 @@ def test_prefix_grouper_packed_row_equals_naive_batch_logprobs_and_grads():
         per = sl.prefix_grouper_unpack(logp, logit_index, mask)
         return jnp.take_along_axis(per, targets[..., None], -1)[..., 0] * mask
 
-    def packed_lp(f):
+    def packed_lp(f, seg):
+        # ``seg`` is traced under jit, as in a model: the schedule is built on device.
         q, k, v = (table(f, n)[src_packed][None] for n in "qkv")
-        out = bsa.block_sparse_attention(q, k, v, pg_sched, segment_ids=packed.segment_ids[None], backend="gpu")
+        out = bsa.dense_attention(q, k, v, segment_ids=seg, block_q=4, block_k=4, backend="gpu")
         return token_logprobs(out[0], packed.logit_index, packed.completion_mask, jnp.asarray(comp_ids))
 
     def naive_lp(f):
@@ -218,11 +221,12 @@ def test_prefix_grouper_packed_row_equals_naive_batch_logprobs_and_grads():
         return jax.vmap(token_logprobs)(out, n_logit_index, n_mask, jnp.asarray(comp_ids))
 
     @jax.jit
-    def both(f):
+    def both(f, seg):
         grad = lambda fn: jax.grad(lambda f: jnp.sum(fn(f) * weights))(f)  # noqa: E731
-        return packed_lp(f), naive_lp(f), grad(packed_lp), grad(naive_lp)
+        packed_fn = functools.partial(packed_lp, seg=seg)
+        return packed_fn(f), naive_lp(f), grad(packed_fn), grad(naive_lp)
 
-    lp_packed, lp_naive, g_packed, g_naive = both(feats)
+    lp_packed, lp_naive, g_packed, g_naive = both(feats, jnp.asarray(packed.segment_ids[None]))
     np.testing.assert_allclose(np.asarray(lp_packed), np.asarray(lp_naive), atol=1e-5, rtol=1e-5)
     for name in feats:
         assert float(jnp.max(jnp.abs(g_naive[name]))) > 0, name

@@ -4,12 +4,14 @@ import json
 import os
 
 import gin
+import numpy as np
 import pytest
 
 from rlx import rlhf_cli
 
 TINY = [
     'rlx.Experiment.model = "tiny"',
+    'rlx.Experiment.model_overrides = {"num_layers": 1}',
     "rlx.Experiment.train_problems = 120",
     "rlx.Experiment.eval_problems = 8",
     "rlx.Experiment.sft_steps = 3",
@@ -57,12 +59,25 @@ def test_rlhf_smoke_run_trains_reward_model_then_rl_against_it(tmp_path, capsys)
     assert 0.0 <= summary["accuracy_after_rl"] <= 1.0
     assert "reward model" in capsys.readouterr().out
 
-    # Same command, one more RL step: SFT and the reward model are reused, RL resumes.
-    gin.clear_config()
-    again = rlhf_cli.preference_main("rlhf", gin_params=params + [
-        "rlx.train.RLConfig.steps = 3"])
-    assert again["rm_accuracy"] == pytest.approx(summary["rm_accuracy"])
-    assert [r["step"] for r in _rows(run_dir) if r["step"] > 0] == [1, 2, 3]
+
+
+def test_saved_phase_results_are_reused_by_the_same_command(tmp_path):
+    from rlx import rlhf
+
+    calls = []
+    params = {"w": np.arange(3, dtype=np.float32)}
+
+    def compute():
+        calls.append(1)
+        return {"w": params["w"] + 1}, {"rm/accuracy": 0.75}
+
+    first = rlhf._cached(str(tmp_path / "rm"), params, compute, step=5)
+    again = rlhf._cached(str(tmp_path / "rm"), params, compute, step=5)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(np.asarray(again[0]["w"]), [1, 2, 3])
+    assert first[1] == again[1] == {"rm/accuracy": 0.75}
+    skipped = rlhf._cached(str(tmp_path / "none"), params, compute, skip=True)
+    assert skipped == (params, {}) and len(calls) == 1
 
 
 def test_dpo_smoke_run_reports_accuracy_before_and_after(tmp_path):

@@ -27,6 +27,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
@@ -124,7 +125,8 @@ def shard_batch(batch, mesh: Mesh):
     """Places every array leaf of ``batch`` with rows sharded over the batch axes.
 
     Scalars are replicated. On multi-host runs each process passes its global batch
-    (identical on all hosts) and keeps only its addressable shards.
+    (identical on all hosts) and keeps only its addressable shards; leaves that are
+    already global arrays (outputs of jitted functions) are resharded on device.
     """
     def put(x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
@@ -132,6 +134,8 @@ def shard_batch(batch, mesh: Mesh):
         if x.ndim and x.shape[0] % _axis_size(mesh, BATCH_AXES):
             raise ValueError(f"batch rows {x.shape[0]} not divisible by the data-parallel "
                              f"size {_axis_size(mesh, BATCH_AXES)} of mesh {dict(mesh.shape)}")
+        if _spans_processes(x):      # e.g. a jitted function's output on multi-host
+            return jax.device_put(x, sharding)
         if jax.process_count() > 1:
             return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
         return jax.device_put(x, sharding)
@@ -165,26 +169,33 @@ def place(tree, shardings):
     span other processes, e.g. the parameters of an earlier sharded phase; those are
     resharded on device, since no single host holds their value.
     """
-    leaves, treedef = jax.tree.flatten(tree)
-    targets = treedef.flatten_up_to(shardings)
-    spanning = [i for i, x in enumerate(leaves)
-                if isinstance(x, jax.Array) and not x.is_fully_addressable]
-    if spanning:
-        # jnp.copy: fresh buffers, because the steps donate their state.
-        moved = jax.jit(lambda xs: [jnp.copy(x) for x in xs],
-                        out_shardings=[targets[i] for i in spanning])(
-                            [leaves[i] for i in spanning])
-        leaves = list(leaves)
-        for i, x in zip(spanning, moved):
-            leaves[i] = x
     if jax.process_count() > 1:
         def put(x, s):
-            if isinstance(x, jax.Array) and not x.is_fully_addressable:
-                return x
+            if _spans_processes(x):
+                # A fresh buffer (may_alias=False): the steps donate their state.
+                return jax.device_put(x, s, may_alias=False)
             x = np.asarray(x)
             return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-        return treedef.unflatten([put(x, s) for x, s in zip(leaves, targets)])
+        return jax.tree.map(put, tree, shardings)
     # Copy first: a replicated put may alias the source buffer on its own device, and
     # the steps donate their state, which would delete the caller's arrays.
     tree = jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
     return jax.device_put(tree, shardings)
+
+
+def _spans_processes(x) -> bool:
+    return isinstance(x, jax.Array) and not x.is_fully_addressable
+
+
+def host_value(tree):
+    """NumPy copies of every leaf, identical on every process.
+
+    A global array that spans other processes (multi-host) is all-gathered
+    (``process_allgather``, a collective: every process must call this together);
+    anything else is fetched locally.
+    """
+    def get(x):
+        if _spans_processes(x):
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+    return jax.tree.map(get, tree)

@@ -7,7 +7,7 @@ Usage: multihost_steps.py NUM_PROCESSES PROCESS_ID PORT OUT_NPZ MESH [MESH ...]
 Each process gets ``LOCAL_DEVICES`` CPU devices (env, default 2), runs
 ``SFT_STEPS`` SFT steps then ``POLICY_STEPS`` GRPO (kl_coef=0) policy steps on fixed
 batches for every mesh, gathers the parameters to host with
-``process_allgather`` and writes them (flattened, one vector per mesh) plus the
+``rlx.sharding.host_value`` and writes them (flattened, one vector per mesh) plus the
 per-step losses to OUT_NPZ. The policy phase starts from a fresh state built on the
 SFT phase's (global) parameters, as ``rlx.experiment`` does, and its final state goes
 through a checkpoint save/restore in ``$CKPT_DIR/<mesh>`` (shared by all processes).
@@ -44,7 +44,6 @@ mark("distributed runtime up")
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
 
 from rlx import sharding as sh  # noqa: E402
 from rlx.models import api, config  # noqa: E402
@@ -87,11 +86,7 @@ policy = PolicyBatch(
 rollout_batch = RolloutBatch(seq=seq, policy=policy)
 
 
-def gather(tree):
-    """Host numpy copy of a pytree of (possibly non-addressable) global arrays."""
-    if jax.process_count() > 1:
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
+gather = sh.host_value
 
 
 out = {"params:init": np.concatenate([np.ravel(np.asarray(x))

@@ -98,7 +98,8 @@ for shape in mesh_shapes:
     shardings = sh.state_shardings(state, mesh)
     state = sh.place(state, shardings)
     sft = sh.shard_batch(sft_batch, mesh)
-    rb = sh.shard_batch(rollout_batch, mesh)
+    # Twice: the second time its leaves are already global arrays (as in the RL loop).
+    rb = sh.shard_batch(sh.shard_batch(rollout_batch, mesh), mesh)
     sft_step = steps.jit_step(steps.make_sft_step(graphdef, tx), mesh, shardings, sft)
     policy_step = steps.jit_step(steps.make_policy_step(graphdef, tx, objective), mesh,
                                  shardings, rb)

@@ -50,8 +50,15 @@ class ModelConfig:
       max_position_embeddings: longest position the rotary table is built for.
       param_dtype: dtype parameters are stored in (master weights).
       dtype: compute dtype of matmuls (activations); softmax and norms use float32.
-      attention_backend: "reference" (jnp), or a kernel backend from
-        ``rlx_kernels`` ("dense_kernel", "block_sparse").
+      attention_backend: "reference" (jnp masked attention), "dense_kernel" (the
+        Pallas flash kernel over all causal blocks) or "block_sparse" (the same kernel
+        driven by a block schedule: Prefix Grouper segments skip cross-completion
+        blocks, and ``streaming_heads`` use LServe's sink + local-window Λ pattern).
+        Kernel paths go through ``rlx_kernels.dispatch`` (reference on CPU).
+      attention_block: query/key block size of the kernel paths.
+      streaming_heads: query-head indices that attend only to the first
+        ``streaming_sink_blocks`` blocks and the last ``streaming_local_blocks`` blocks
+        (every layer; "block_sparse" backend only — the other backends are dense).
     """
 
     vocab_size: int
@@ -70,6 +77,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     attention_backend: str = "reference"
+    attention_block: int = 128
+    streaming_heads: tuple[int, ...] = ()
+    streaming_sink_blocks: int = 1
+    streaming_local_blocks: int = 4
 
     def __post_init__(self):
         def bad(field, value, why):
@@ -96,6 +107,12 @@ class ModelConfig:
         if self.attention_backend not in ("reference", "dense_kernel", "block_sparse"):
             bad("attention_backend", self.attention_backend,
                 "must be 'reference', 'dense_kernel' or 'block_sparse'")
+        object.__setattr__(self, "streaming_heads", tuple(int(h) for h in self.streaming_heads))
+        if any(not 0 <= h < self.num_heads for h in self.streaming_heads):
+            bad("streaming_heads", self.streaming_heads,
+                f"head indices must be in [0, {self.num_heads})")
+        if self.attention_block <= 0:
+            bad("attention_block", self.attention_block, "must be positive")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 

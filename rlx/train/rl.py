@@ -162,8 +162,7 @@ class RLTrainer:
         return self._stack(groups, metrics)
 
     def _decode(self, rollout) -> list[str]:
-        ids = np.asarray(rollout.completion_ids)
-        mask = np.asarray(rollout.completion_mask)
+        ids, mask = sh.host_value((rollout.completion_ids, rollout.completion_mask))
         return [self.tokenizer.decode(row[m].tolist()) for row, m in zip(ids, mask)]
 
     def _stack(self, groups, metrics) -> Collected:
@@ -173,7 +172,11 @@ class RLTrainer:
             rollout = groups[0][0]
         else:   # gather the kept groups' rows (rollouts of one run share bucket shapes)
             parts = []
+            hosted = {}
             for r, i, *_ in groups:
+                if id(r) not in hosted:
+                    hosted[id(r)] = sh.host_value(r)
+                r = hosted[id(r)]
                 rows = np.arange(i * g, (i + 1) * g)
                 parts.append(jax.tree.map(lambda x: np.asarray(x)[rows] if np.ndim(x) else x, r))
             rollout = jax.tree.map(lambda *xs: np.concatenate(xs) if np.ndim(xs[0]) else xs[0],
@@ -257,7 +260,7 @@ class RLTrainer:
         times["time/update"] = time.perf_counter() - t2
 
         self.iteration_index += 1
-        lengths = np.asarray(rollout.lengths)
+        lengths = sh.host_value(rollout.lengths)
         total = time.perf_counter() - t0
         return {**step_metrics, **got.reward_metrics, **adv.metrics, **times,
                 "reward_mean": float(got.rewards.mean()),

@@ -235,6 +235,20 @@ def _finish(base: ex.Experiment, p: Prepared, params, summary: dict, t_start: fl
 
 
 # ---------------------------------------------------------------------------- RLHF
+def objective_and_critic(base: ex.Experiment, cfg, params):
+    """The RL objective, and for ``"ppo"`` a separately trained critic whose trunk
+    starts from the SFT policy's (the objective then drops its in-loss value term),
+    as in ``rlx.experiment.run``."""
+    if base.objective != "ppo":
+        return ex.objective_by_name(base.objective), None
+    value_graphdef, value_params = api.init(cfg, kind="value", seed=base.seed)
+    value_params["trunk"] = jax.tree.map(jnp.copy, params["trunk"])
+    critic_tx = optim.optimizer(learning_rate=base.critic_lr)
+    critic = rl.Critic(graphdef=value_graphdef, tx=critic_tx,
+                       state=state_lib.create(value_params, critic_tx, seed=base.seed))
+    return ex.objective_by_name("ppo", vf_coef=0.0), critic
+
+
 def run_rlhf(exp: RLHFExperiment) -> dict:
     """SFT → reward model on pairs → RL against it → verifiable evaluation."""
     t_start = time.time()
@@ -269,16 +283,7 @@ def run_rlhf(exp: RLHFExperiment) -> dict:
         monitor=p.pool if exp.monitor_verifiable else None)
 
     # RL against the learned reward (PPO: a critic from the SFT trunk)
-    critic = None
-    if base.objective == "ppo":
-        objective = ex.objective_by_name("ppo", vf_coef=0.0)
-        value_graphdef, value_params = api.init(p.cfg, kind="value", seed=base.seed)
-        value_params["trunk"] = jax.tree.map(jnp.copy, p.params["trunk"])
-        critic_tx = optim.optimizer(learning_rate=base.critic_lr)
-        critic = rl.Critic(graphdef=value_graphdef, tx=critic_tx,
-                           state=state_lib.create(value_params, critic_tx, seed=base.seed))
-    else:
-        objective = ex.objective_by_name(base.objective)
+    objective, critic = objective_and_critic(base, p.cfg, p.params)
     tx = optim.optimizer(learning_rate=base.rl_lr)
     state = state_lib.create(p.params, tx, seed=base.seed, objective_state=objective.init())
     trainer = rl.RLTrainer(

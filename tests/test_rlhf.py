@@ -4,6 +4,7 @@ import json
 import os
 
 import gin
+import jax
 import numpy as np
 import pytest
 
@@ -138,6 +139,23 @@ def test_configs_parse_and_cli_registers_commands(kind):
     with pytest.raises(SystemExit) as err:
         cli.main([kind, "--help"])
     assert err.value.code == 0
+
+
+def test_ppo_option_gets_a_critic_from_the_sft_trunk():
+    from rlx import rlhf
+    from rlx.experiment import Experiment
+    from rlx.models import api
+    from rlx.models.config import model_config
+
+    cfg = model_config("tiny", vocab_size=32, num_layers=1)
+    _, params = api.init(cfg, seed=5)
+    objective, critic = rlhf.objective_and_critic(Experiment(objective="ppo"), cfg, params)
+    assert critic is not None and critic.graphdef is not None
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), critic.state.params["trunk"],
+                        params["trunk"])
+    assert all(jax.tree.leaves(same))
+    objective, critic = rlhf.objective_and_critic(Experiment(objective="grpo"), cfg, params)
+    assert critic is None
 
 
 def test_unknown_preference_binding_fails_before_anything_runs():

@@ -133,3 +133,19 @@ def test_experiment_configs_parse_and_name_a_known_objective(name):
     exp = Experiment()
     assert exp.objective == name and exp.run_dir == f"runs/{name}"
     objective_by_name(exp.objective)
+
+
+@pytest.mark.parametrize("objective", ["grpo", "ppo"])
+def test_shared_prefix_update_matches_naive_layout_in_the_loop(tmp_path, objective):
+    losses = {}
+    for layout in (False, True):
+        gin.clear_config()
+        run_dir = str(tmp_path / f"{objective}_{layout}")
+        train_cli.train_main(gin_params=TINY + [
+            f'rlx.Experiment.run_dir = "{run_dir}"', f'rlx.Experiment.objective = "{objective}"',
+            "rlx.Experiment.export_hf = False", "rlx.train.RLConfig.steps = 1",
+            f"rlx.train.RLConfig.shared_prefix_update = {layout}"])
+        rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+        losses[layout] = [r for r in rows if r["step"] == 1][0]
+    for key in ("loss", "reward_mean", "ratio/mean") + (("value_loss",) if objective == "ppo" else ()):
+        assert losses[True][key] == pytest.approx(losses[False][key], rel=1e-4, abs=1e-6), key

@@ -65,3 +65,29 @@ class PairBatch:
     rejected_mask: jax.Array
     ref_chosen_logp: jax.Array
     ref_rejected_logp: jax.Array
+
+
+@struct.dataclass
+class PackedRolloutBatch:
+    """Policy batch in the shared-prefix layout (``rlx.train.packing``).
+
+    ``packed`` holds one row per prompt; ``grouped_policy`` holds the PolicyBatch with
+    rows regrouped as [P, G, ...] so micro-batches and devices split whole groups.
+    """
+
+    packed: "PackedSequences"  # noqa: F821 - rlx.train.packing.PackedSequences
+    grouped_policy: PolicyBatch
+
+    @classmethod
+    def create(cls, packed, policy: PolicyBatch) -> "PackedRolloutBatch":
+        p, g = packed.token_index.shape[:2]
+        regroup = lambda x: None if x is None else x.reshape(p, g, *x.shape[1:])  # noqa: E731
+        return cls(packed=packed, grouped_policy=jax.tree.map(regroup, policy))
+
+    @property
+    def policy(self) -> PolicyBatch:
+        return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), self.grouped_policy)
+
+    @property
+    def completion_length(self) -> int:
+        return self.packed.token_index.shape[2]

@@ -31,8 +31,9 @@ from rlx.sampling.config import SamplerConfig
 from rlx.sampling.generate import generate
 from rlx.train import checkpoint as ckpt_lib
 from rlx.train import state as state_lib
+from rlx.train import packing
 from rlx.train import steps as steps_lib
-from rlx.train.batches import RolloutBatch, Sequences
+from rlx.train.batches import PackedRolloutBatch, RolloutBatch, Sequences
 from rlx.train.data import ProblemStream
 from rlx.train.logger import RunLogger
 
@@ -56,6 +57,8 @@ class RLConfig:
         included, so the shape stays static).
       eval_every: evaluate held-out accuracy every N iterations (0 = only at the ends).
       log_samples_every: print a sample table every N iterations (0 = never).
+      shared_prefix_update: run the log-prob passes and updates in the Prefix Grouper
+        layout (one packed row per prompt; ``rlx.train.packing``) instead of G rows.
       checkpoint_every / checkpoint_minutes / keep_checkpoints: see ``Checkpointer``.
       seed: run seed (data order, sampling keys, init).
     """
@@ -69,6 +72,7 @@ class RLConfig:
     max_sampling_rounds: int = 4
     eval_every: int = 10
     log_samples_every: int = 10
+    shared_prefix_update: bool = False
     checkpoint_every: int | None = 10
     checkpoint_minutes: float | None = None
     keep_checkpoints: int = 3
@@ -119,6 +123,9 @@ class RLTrainer:
             self._values = jax.jit(
                 lambda params, seq, t: steps_lib.completion_values(critic.graphdef, params, seq, t),
                 static_argnums=(2,))
+            self._packed_values = jax.jit(
+                lambda params, packed: packing.packed_completion_values(critic.graphdef, params,
+                                                                        packed))
             self._value_step = None
         self.evaluator = evaluator
         self.logger = logger or RunLogger(run_dir, total_steps=config.steps)
@@ -128,6 +135,8 @@ class RLTrainer:
         self.iteration_index = 0
         self._policy_step = None
         self._logprobs = jax.jit(self._completion_logprobs, static_argnums=(2,))
+        self._packed_logprobs = jax.jit(
+            lambda params, packed: packing.packed_completion_outputs(graphdef, params, packed).logp)
 
     # ------------------------------------------------------------------ pieces
     def _completion_logprobs(self, params, seq: Sequences, t: int):
@@ -207,17 +216,18 @@ class RLTrainer:
         c.state, metrics = self._value_step(c.state, batch)
         return metrics
 
-    def minibatches(self, seq: Sequences, pb: PolicyBatch):
-        """Splits rows into ``minibatches`` contiguous whole-group chunks."""
+    def minibatches(self, seq, pb: PolicyBatch):
+        """Splits the batch into ``minibatches`` contiguous chunks of whole groups."""
         n = self.config.minibatches
-        rows = seq.tokens.shape[0]
-        if rows % n:
-            raise ValueError(f"rollout rows {rows} not divisible by minibatches={n}")
-        size = rows // n
+        full = (PackedRolloutBatch.create(seq, pb) if isinstance(seq, packing.PackedSequences)
+                else RolloutBatch(seq=seq, policy=pb))
+        leading = jax.tree.leaves(full)[0].shape[0]     # rows, or prompts when packed
+        if leading % n:
+            raise ValueError(f"rollout batch of {leading} not divisible by minibatches={n}")
+        size = leading // n
         for i in range(n):
-            take = lambda x: x[i * size:(i + 1) * size] if x is not None and np.ndim(x) else x  # noqa: E731
-            yield sh.shard_batch(RolloutBatch(seq=jax.tree.map(take, seq),
-                                              policy=jax.tree.map(take, pb)), self.mesh)
+            take = lambda x: x[i * size:(i + 1) * size] if np.ndim(x) else x  # noqa: E731
+            yield sh.shard_batch(jax.tree.map(take, full), self.mesh)
 
     # -------------------------------------------------------------- iteration
     def iteration(self) -> dict:
@@ -235,9 +245,16 @@ class RLTrainer:
         # 2. log-probs of the behaviour (old) and reference policies
         t1 = time.perf_counter()
         mask = jnp.asarray(rollout.loss_mask, jnp.float32)
-        old_logp = self._logprobs(self.state.params, seq, t)
-        ref_logp = self._logprobs(self.ref_params, seq, t) if self.ref_params is not None else None
-        values = self._values(self.critic.state.params, seq, t) if self.critic else None
+        if self.config.shared_prefix_update:        # one packed row per prompt
+            seq = packing.pack_rollout(rollout, self.sampler.num_generations,
+                                       pad_id=self.sampler.pad_id)
+            logp_fn, value_fn = self._packed_logprobs, getattr(self, "_packed_values", None)
+        else:
+            logp_fn = lambda params, s: self._logprobs(params, s, t)  # noqa: E731
+            value_fn = (lambda params, s: self._values(params, s, t)) if self.critic else None  # noqa: E731
+        old_logp = logp_fn(self.state.params, seq)
+        ref_logp = logp_fn(self.ref_params, seq) if self.ref_params is not None else None
+        values = value_fn(self.critic.state.params, seq) if self.critic else None
         jax.block_until_ready(old_logp)
         times["time/logprobs"] = time.perf_counter() - t1
 

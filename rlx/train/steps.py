@@ -23,7 +23,7 @@ from rlx.models.logprobs import logprobs_from_hidden
 from rlx.objectives import preference
 from rlx.objectives.types import Objective, TokenOutputs
 from rlx.objectives.value import clipped_value_loss
-from rlx.train.batches import PairBatch, RolloutBatch, Sequences, SFTBatch
+from rlx.train.batches import PackedRolloutBatch, PairBatch, RolloutBatch, Sequences, SFTBatch
 from rlx.train.state import TrainState
 
 LossFn = Callable[[Any, Any], tuple[jax.Array, tuple[jax.Array, dict]]]
@@ -128,14 +128,25 @@ def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation,
 # ------------------------------------------------------------------------------- steps
 def make_policy_step(graphdef, tx, objective: Objective, *, num_microbatches: int = 1,
                      temperature: float = 1.0, chunk_size: int = 512):
-    """Policy-gradient update for any composed objective (GRPO family, PPO actor…)."""
+    """Policy-gradient update for any composed objective (GRPO family, PPO actor…).
 
-    def step(state: TrainState, batch: RolloutBatch):
+    ``batch`` is a ``RolloutBatch`` (naive layout: one row per rollout) or a
+    ``PackedRolloutBatch`` (shared-prefix layout: one row per prompt, see
+    ``rlx.train.packing``); both give the same loss and gradients.
+    """
+    from rlx.train.packing import packed_completion_outputs
+
+    def step(state: TrainState, batch: RolloutBatch | PackedRolloutBatch):
         t = batch.completion_length
 
-        def loss_fn(params, mb: RolloutBatch):
-            outputs = completion_outputs(graphdef, params, mb.seq, t,
-                                         temperature=temperature, chunk_size=chunk_size)
+        def loss_fn(params, mb):
+            if isinstance(mb, PackedRolloutBatch):
+                outputs = packed_completion_outputs(graphdef, params, mb.packed,
+                                                    temperature=temperature,
+                                                    chunk_size=chunk_size)
+            else:
+                outputs = completion_outputs(graphdef, params, mb.seq, t,
+                                             temperature=temperature, chunk_size=chunk_size)
             out = objective.loss(outputs, mb.policy, state.objective_state)
             return out.numerator, (out.denominator, out.metrics)
 
@@ -154,13 +165,17 @@ def make_value_step(graphdef, tx, *, clip_eps: float | None = 0.2,
                     num_microbatches: int = 1):
     """Critic update: clipped value loss against ``batch.policy.returns`` (token-mean)."""
 
-    def step(state: TrainState, batch: RolloutBatch):
+    def step(state: TrainState, batch: RolloutBatch | PackedRolloutBatch):
         t = batch.completion_length
         if batch.policy.returns is None or batch.policy.old_values is None:
             raise ValueError("value step needs PolicyBatch.returns and .old_values")
 
-        def loss_fn(params, mb: RolloutBatch):
-            v = completion_values(graphdef, params, mb.seq, t)
+        def loss_fn(params, mb):
+            if isinstance(mb, PackedRolloutBatch):
+                from rlx.train.packing import packed_completion_values
+                v = packed_completion_values(graphdef, params, mb.packed)
+            else:
+                v = completion_values(graphdef, params, mb.seq, t)
             loss, clipped = clipped_value_loss(v, mb.policy.old_values, mb.policy.returns,
                                                mb.policy.mask, clip_eps=clip_eps)
             m = (mb.policy.mask > 0).astype(jnp.float32)

@@ -34,16 +34,7 @@ from rlx.sampling.generate import generate
 from rlx.train import optim, state as st, steps
 from rlx.train.batches import RolloutBatch, Sequences
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5e": 197e12,
-             "TPU v5p": 459e12, "TPU v4": 275e12, "TPU v6": 918e12}
-
-
-def peak_flops(device) -> float | None:
-    kind = getattr(device, "device_kind", "")
-    for name, peak in PEAK_BF16.items():
-        if name.lower() in kind.lower():
-            return peak
-    return None
+from rlx.train.flops import peak_flops, train_flops
 
 
 def timed(fn, repeats):
@@ -104,8 +95,7 @@ def run(preset, prompts, group, new_tokens, repeats, dtype, layers=None):
     total = t_gen + t_reward + t_lp + t_upd
     gen_tokens = b * t
     seq_len = tokens.shape[1]
-    flops = 6 * cfg.num_params * b * seq_len + \
-        12 * cfg.num_layers * b * seq_len ** 2 * cfg.num_heads * cfg.head_dim / 2
+    flops = train_flops(cfg, b, seq_len)
     peak = peak_flops(jax.devices()[0])
     mfu = f"{flops / t_upd / peak:.1%}" if peak else "n/a (CPU)"
     return {"preset": preset + (f" ({layers} layers)" if layers else ""), "rows": b, "T": t,

@@ -25,11 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlx import sharding as sh
+from rlx.models import api
 from rlx.objectives.types import Objective, PolicyBatch, RewardBatch
 from rlx.rewards.pool import RewardPool
 from rlx.sampling.config import SamplerConfig
 from rlx.sampling.generate import generate
 from rlx.train import checkpoint as ckpt_lib
+from rlx.train import flops as flops_lib
 from rlx.train import state as state_lib
 from rlx.train import packing
 from rlx.train import steps as steps_lib
@@ -110,6 +112,7 @@ class RLTrainer:
                  ref_params=None, evaluator: Callable | None = None,
                  logger: RunLogger | None = None, critic: "Critic | None" = None):
         self.graphdef, self.tx, self.objective = graphdef, tx, objective
+        self.model_config = api.merge(graphdef, state.params).cfg   # static shape facts
         self.tokenizer, self.stream, self.pool = tokenizer, stream, reward_pool
         self.sampler, self.config, self.run_dir = sampler, config, run_dir
         self.mesh = mesh or sh.make_mesh()
@@ -152,14 +155,22 @@ class RLTrainer:
             problems = self.stream.next_batch(p)
             ids, mask = self.tokenizer.batch_encode([q.prompt for q in problems],
                                                     padding_side="left", add_bos=True)
+            t0 = time.perf_counter()
             rollout = generate(self.graphdef, self.state.params, ids, mask,
                                key=jax.random.fold_in(key, round_), config=self.sampler,
                                mesh=self.mesh, data_axis=sh.BATCH_AXES)
             texts = self._decode(rollout)
+            t1 = time.perf_counter()
             scored = self.pool.score(texts, [q for q in problems for _ in range(g)])
+            metrics["time/generate"] = metrics.get("time/generate", 0.0) + t1 - t0
+            metrics["time/reward"] = metrics.get("time/reward", 0.0) + time.perf_counter() - t1
             rewards = scored.scores.reshape(p, g)
             for k, v in scored.metrics().items():
-                metrics[k] = metrics.get(k, 0.0) + v
+                if k.endswith(("failures", "timeouts", "seconds")):
+                    metrics[k] = metrics.get(k, 0.0) + v      # counts add up over rounds
+                else:
+                    metrics[k] = v                            # means: the last round's
+            metrics["dynamic_sampling/rounds"] = float(round_ + 1)
             for i in range(p):
                 group = (rollout, i, rewards[i], texts[i * g:(i + 1) * g], problems[i])
                 (kept if not self.config.dynamic_sampling or np.ptp(rewards[i]) > 0
@@ -240,7 +251,7 @@ class RLTrainer:
         got = self.collect(key)
         rollout, t = got.rollout, got.rollout.completion_ids.shape[1]
         seq = self.sequences(rollout)
-        times["time/generate_and_reward"] = time.perf_counter() - t0
+        times["time/collect"] = time.perf_counter() - t0
 
         # 2. log-probs of the behaviour (old) and reference policies
         t1 = time.perf_counter()
@@ -279,6 +290,11 @@ class RLTrainer:
         self.iteration_index += 1
         lengths = sh.host_value(rollout.lengths)
         total = time.perf_counter() - t0
+        peak = flops_lib.peak_flops()
+        if peak:   # model FLOPs utilisation of the update phase (accelerators only)
+            rows, width = rollout.completion_ids.shape[0], rollout.prompt_ids.shape[1] + t
+            flops = self.config.epochs * flops_lib.train_flops(self.model_config, rows, width)
+            times["perf/update_mfu"] = flops / times["time/update"] / (peak * jax.device_count())
         return {**step_metrics, **got.reward_metrics, **adv.metrics, **times,
                 "reward_mean": float(got.rewards.mean()),
                 "response_length": float(lengths.mean()),

@@ -59,6 +59,15 @@ class ModelConfig:
       streaming_heads: query-head indices that attend only to the first
         ``streaming_sink_blocks`` blocks and the last ``streaming_local_blocks`` blocks
         (every layer; "block_sparse" backend only — the other backends are dense).
+      decode_page_size: 0 (default) for dense decode; > 0 turns on LServe's
+        query-aware KV-page selection (arXiv 2502.14866) for single-token cache steps:
+        the cache is viewed as pages of this many slots and each step attends only to
+        the selected pages (``rlx.models.paged_attention``). Prefill stays dense.
+      decode_page_budget: pages chosen by score per (row, query head) on top of the
+        sink and local pages. Default 62: with 1 sink + 1 local page, 64 pages, as
+        LServe's 4096-token budget at 64-token pages.
+      decode_sink_pages: first non-empty pages always attended (the prompt's start).
+      decode_local_pages: pages ending at the newest token always attended.
     """
 
     vocab_size: int
@@ -81,6 +90,10 @@ class ModelConfig:
     streaming_heads: tuple[int, ...] = ()
     streaming_sink_blocks: int = 1
     streaming_local_blocks: int = 4
+    decode_page_size: int = 0
+    decode_page_budget: int = 62
+    decode_sink_pages: int = 1
+    decode_local_pages: int = 1
 
     def __post_init__(self):
         def bad(field, value, why):
@@ -113,6 +126,16 @@ class ModelConfig:
                 f"head indices must be in [0, {self.num_heads})")
         if self.attention_block <= 0:
             bad("attention_block", self.attention_block, "must be positive")
+        for name in ("decode_page_size", "decode_page_budget", "decode_sink_pages",
+                     "decode_local_pages"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                bad(name, value, "must be a non-negative integer")
+        if self.decode_page_size and (self.decode_page_budget + self.decode_sink_pages
+                                      + self.decode_local_pages) == 0:
+            bad("decode_page_budget", self.decode_page_budget,
+                "page selection needs decode_page_budget + decode_sink_pages + "
+                "decode_local_pages >= 1")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 

@@ -82,8 +82,18 @@ class Attention(nnx.Module):
             prefix = None
             if cache.prefix_k is not None:
                 prefix = (cache.prefix_k[layer], cache.prefix_v[layer], cache.prefix_mask)
-            out = attn_lib.attend(q, ck.astype(q.dtype), cv.astype(q.dtype),
-                                  context["allowed"], prefix=prefix)
+            if s == 1 and cfg.decode_page_size > 0:
+                # LServe page selection for a decode step (prefill stays dense);
+                # imported lazily like the kernel backends (pulls in Pallas).
+                from rlx.models import paged_attention
+                out = paged_attention.decode_attend(
+                    q, ck.astype(q.dtype), cv.astype(q.dtype), context["allowed"],
+                    prefix=prefix, page_size=cfg.decode_page_size,
+                    budget=cfg.decode_page_budget, sink_pages=cfg.decode_sink_pages,
+                    local_pages=cfg.decode_local_pages)
+            else:
+                out = attn_lib.attend(q, ck.astype(q.dtype), cv.astype(q.dtype),
+                                      context["allowed"], prefix=prefix)
         return self.o_proj(out.reshape(b, s, cfg.num_heads * cfg.head_dim)), new_kv
 
 

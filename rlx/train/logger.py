@@ -83,7 +83,7 @@ class RunLogger:
         done = max(step, 1)
         eta = elapsed / done * max(self.total_steps - step, 0)
         width = 20
-        filled = int(width * min(step / max(self.total_steps, 1), 1.0))
+        filled = int(width * min(max(step, 0) / max(self.total_steps, 1), 1.0))
         bar = "#" * filled + "." * (width - filled)
         parts = [f"[{bar}] {step}/{self.total_steps}"]
         for key, label in (("reward_mean", "reward"), ("eval/accuracy", "acc"),

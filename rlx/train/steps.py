@@ -237,7 +237,8 @@ def make_reward_model_step(graphdef, tx, *, margin: float | None = None,
 
 def make_preference_step(graphdef, tx, *, loss: str = "dpo", beta: float = 0.1,
                          num_microbatches: int = 1, **loss_kwargs):
-    """DPO-family step: ``loss`` in {"dpo", "ipo", "simpo"} on summed response log-probs."""
+    """DPO-family step: ``loss`` in {"dpo", "ipo", "simpo"} on summed response log-probs
+    (``beta`` is DPO's/SimPO's β and IPO's τ)."""
     losses = {"dpo": preference.dpo_loss, "ipo": preference.ipo_loss,
               "simpo": preference.simpo_loss}
     if loss not in losses:
@@ -251,9 +252,12 @@ def make_preference_step(graphdef, tx, *, loss: str = "dpo", beta: float = 0.1,
                 nc = jnp.sum(mb.chosen_mask[:, 1:], axis=1)
                 nr = jnp.sum(mb.rejected_mask[:, 1:], axis=1)
                 per = preference.simpo_loss(lc, lr, nc, nr, beta=beta, **loss_kwargs)
+            elif loss == "ipo":   # IPO's regulariser is τ; ``beta`` plays that role
+                per = preference.ipo_loss(lc, lr, mb.ref_chosen_logp, mb.ref_rejected_logp,
+                                          tau=beta, **loss_kwargs)
             else:
-                per = losses[loss](lc, lr, mb.ref_chosen_logp, mb.ref_rejected_logp,
-                                   beta=beta, **loss_kwargs)
+                per = preference.dpo_loss(lc, lr, mb.ref_chosen_logp, mb.ref_rejected_logp,
+                                          beta=beta, **loss_kwargs)
             margin = (lc - mb.ref_chosen_logp) - (lr - mb.ref_rejected_logp)
             n = jnp.asarray(lc.shape[0], jnp.float32)
             return jnp.sum(per), (n, {"pref_accuracy": jnp.mean((margin > 0).astype(jnp.float32)),

@@ -184,3 +184,20 @@ def test_jit_step_keeps_state_sharding_on_a_one_device_mesh():
     assert new.params["trunk"]["embed"]["embedding"].value.sharding == \
         shardings.params["trunk"]["embed"]["embedding"].value
     assert np.isfinite(float(metrics["sft_loss"]))
+
+
+@pytest.mark.parametrize("loss", ["ipo", "simpo"])
+def test_every_preference_loss_runs_and_is_finite(loss):
+    rng = np.random.default_rng(1)
+    ones = np.ones((2, 6), bool)
+    resp = np.zeros((2, 6), np.float32)
+    resp[:, 3:] = 1
+    pair = PairBatch(chosen=make_sequences(rng.integers(0, 64, (2, 6)), ones),
+                     rejected=make_sequences(rng.integers(0, 64, (2, 6)), ones),
+                     chosen_mask=jnp.asarray(resp), rejected_mask=jnp.asarray(resp),
+                     ref_chosen_logp=jnp.zeros(2), ref_rejected_logp=jnp.zeros(2))
+    graphdef, params = api.init(CFG, seed=0)
+    tx = optax.sgd(0.1)
+    _, m = jax.jit(steps.make_preference_step(graphdef, tx, loss=loss, beta=0.5))(
+        st.create(params, tx), pair)
+    assert np.isfinite(float(m["pref_loss"]))

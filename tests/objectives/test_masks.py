@@ -133,7 +133,10 @@ def test_top_score_token_mask_matches_reference_ranking(shape, ratio, data):
     ent = data.draw(hnp.arrays(np.float32, shape, elements=st.floats(0, 3, width=32)))
     valid = data.draw(hnp.arrays(bool, shape))
     out = np.asarray(masks.top_score_token_mask(adv, ent, valid, keep_ratio=ratio))
-    np.testing.assert_array_equal(out, np_top_fraction(np.abs(adv) * ent, valid, ratio))
+    # XLA on CPU flushes subnormal floats to zero; do the same in the reference.
+    ftz = lambda x: np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(0), x)  # noqa: E731
+    score = ftz(np.abs(ftz(adv)) * ftz(ent))
+    np.testing.assert_array_equal(out, np_top_fraction(score, valid, ratio))
     assert not np.any(out & ~valid)
     assert out.sum() == np_keep_count(ratio, valid.sum())
 

@@ -1,5 +1,9 @@
 """Numeric exact match, format reward and sorting checker."""
 
+# A generous bound: catches super-linear blow-ups (regex backtracking, huge ints)
+# without flaking on a loaded 2-core CI machine.
+LIMIT_S = 5.0
+
 import time
 
 import pytest
@@ -23,7 +27,7 @@ ADVERSARIAL = [
 def _timed(fn, *args, **kwargs):
     start = time.perf_counter()
     out = fn(*args, **kwargs)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < LIMIT_S
     return out
 
 

@@ -1,5 +1,9 @@
 """Final-answer extraction and bounded number parsing."""
 
+# A generous bound: catches super-linear blow-ups (regex backtracking, huge ints)
+# without flaking on a loaded 2-core CI machine.
+LIMIT_S = 5.0
+
 import time
 from fractions import Fraction
 
@@ -35,7 +39,7 @@ def test_parse_number_reads_common_forms_exactly(text, value):
 def test_parse_number_rejects_non_numbers_and_oversized_numbers(text):
     start = time.perf_counter()
     assert parse_number(text) is None
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < LIMIT_S
 
 
 def test_extract_boxed_handles_nested_braces_and_takes_the_last():
@@ -77,7 +81,7 @@ def test_extract_answer_priority_is_boxed_then_marker_then_last_number(text, ans
 def test_extraction_is_fast_on_adversarial_text(text):
     start = time.perf_counter()
     parse_number(extract_answer(text))
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < LIMIT_S
 
 
 def test_numbers_equal_uses_relative_and_absolute_tolerance():

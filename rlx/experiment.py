@@ -96,8 +96,8 @@ class Experiment:
     model_overrides: dict = dataclasses.field(default_factory=dict)
     tokenizer: str | None = None
     tokenizer_vocab: int = 64
-    sft_steps: int = 150
-    sft_batch: int = 32
+    sft_steps: int = 1500
+    sft_batch: int = 64
     sft_lr: float = 3e-3
     objective: str = "grpo"
     rl_lr: float = 1e-4

@@ -149,3 +149,23 @@ def test_shared_prefix_update_matches_naive_layout_in_the_loop(tmp_path, objecti
         losses[layout] = [r for r in rows if r["step"] == 1][0]
     for key in ("loss", "reward_mean", "ratio/mean") + (("value_loss",) if objective == "ppo" else ()):
         assert losses[True][key] == pytest.approx(losses[False][key], rel=1e-4, abs=1e-6), key
+
+
+def test_compare_script_shares_the_sft_start_and_writes_table_and_plot(tmp_path, capsys):
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "compare.py")
+    spec = importlib.util.spec_from_file_location("compare", path)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    out = str(tmp_path / "cmp")
+    params = [p for p in TINY if "RLConfig.steps" not in p] + ["rlx.train.RLConfig.steps = 1"]
+    results = compare.main(["--objectives", "grpo,rloo", "--seeds", "0", "--out", out]
+                           + sum((["--gin_param", p] for p in params), []))
+    assert set(results) == {"grpo", "rloo"}
+    curve = results["grpo"][0]
+    assert curve[0][0] == 0 and curve[-1][0] == 4 * 4        # 1 iteration × 4 prompts × G=4
+    sft_a = json.load(open(os.path.join(out, "grpo_seed0", "summary.json")))
+    sft_b = json.load(open(os.path.join(out, "rloo_seed0", "summary.json")))
+    assert sft_a["accuracy_before_rl"] == sft_b["accuracy_before_rl"]   # same SFT start
+    assert os.path.exists(os.path.join(out, "compare.png"))
+    assert "| grpo | 1 | 16 |" in capsys.readouterr().out

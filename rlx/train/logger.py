@@ -90,7 +90,7 @@ class RunLogger:
                            ("tokens_per_s", "tok/s"), ("sft_loss", "loss")):
             if key in row:
                 parts.append(f"{label} {row[key]:.3g}")
-        parts.append(f"ETA {eta:,.0f}s")
+        parts.append(f"ETA {eta:,.0f}s" if step > 0 else "warm-up")
         print(" | ".join(parts), file=self.stream, flush=True)
 
     def samples(self, step: int, prompts: Sequence[str], completions: Sequence[str],

@@ -1,13 +1,13 @@
 """Host-side reward functions, weighted multi-reward specs and the reward worker pool.
 
 Reward protocol: ``fn(completion: str, problem) -> float`` (``problem`` has ``.prompt``,
-``.answer``, ``.meta``). Registered rewards: ``numeric_exact_match``, ``math_answer``,
-``countdown``, ``sorting``, ``format``. This package never imports JAX, so worker
-processes start fast.
+``.answer``, ``.meta``). Registered rewards: ``numeric_exact_match``,
+``final_answer_match``, ``math_answer``, ``countdown``, ``sorting``, ``format``. This
+package never imports JAX, so worker processes start fast.
 """
 
 from rlx.rewards.countdown import ExpressionError, countdown_reward, evaluate_expression, extract_expression
-from rlx.rewards.exact import numeric_exact_match
+from rlx.rewards.exact import final_answer_match, numeric_exact_match
 from rlx.rewards.extract import extract_answer, extract_boxed, parse_number
 from rlx.rewards.format import format_reward
 from rlx.rewards.math_check import available_backend, math_answer, sympy_equal
@@ -37,6 +37,7 @@ __all__ = [
     "extract_answer",
     "extract_boxed",
     "extract_expression",
+    "final_answer_match",
     "format_reward",
     "get_reward",
     "math_answer",

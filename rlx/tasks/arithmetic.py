@@ -9,6 +9,19 @@ the configured size; with more operands a draw whose value is not an integer is 
 Divisors are never 0. Negative answers are allowed (``"3-17="`` -> ``"-14"``).
 
 Problem key (for the split hash): the prompt itself (``"47+385="``).
+
+Worked solutions (``worked_fraction > 0``, two operands, ``+``/``-`` only): that
+fraction of demonstration draws show the column arithmetic, least significant digit
+first, before the answer after ``####`` (the GSM8K convention)::
+
+    "47+38="  -> "7+8=15,4+3+1=8 #### 85"          (column sums, "+1" = carry)
+    "54-7="   -> "4-7=7b,5-0-1=4 #### 47"          ("b" = borrow, "-1" = paid back)
+    "24-60="  -> "-(60-24):0-4=6b,6-2-1=3 #### -36"  (smaller minus larger: swap, negate)
+
+The rest answer directly (``"85"``). The reward (``final_answer_match``) scores only the
+number after the last ``####`` (or the whole completion), so both styles are correct
+and an RL phase is free to prefer whichever pays off more often (the default
+experiment's premise: the worked style is the more reliable one for a small model).
 """
 
 from __future__ import annotations
@@ -49,6 +62,8 @@ class ArithmeticTask(Task):
       digits: digits per operand, an int or ``(min, max)``.
       operators: operators to draw from (subset of ``"+", "-", "*", "/"``).
       num_operands: operands per expression (>= 2).
+      worked_fraction: fraction of demonstration draws (with an ``rng``) written as
+        worked column solutions ending in ``#### answer`` (module docstring).
       heldout_fraction, split_salt: see ``Task``.
     """
 
@@ -61,10 +76,18 @@ class ArithmeticTask(Task):
         digits: int | tuple[int, int] = 2,
         operators: tuple[str, ...] = ("+", "-"),
         num_operands: int = 2,
+        worked_fraction: float = 0.0,
         heldout_fraction: float = 0.1,
         split_salt: str = "",
     ):
         super().__init__(heldout_fraction=heldout_fraction, split_salt=split_salt)
+        if not 0.0 <= worked_fraction <= 1.0:
+            raise ValueError(f"worked_fraction must be in [0, 1], got {worked_fraction!r}")
+        if worked_fraction and (num_operands != 2 or not set(operators) <= {"+", "-"}):
+            raise ValueError("worked solutions (worked_fraction > 0) cover two operands with "
+                             f"+ and - only; got num_operands={num_operands!r}, "
+                             f"operators={tuple(operators)!r}")
+        self.worked_fraction = float(worked_fraction)
         self.digits = parse_range(digits, "digits")
         if self.digits[1] > 30:
             raise ValueError(f"digits must be at most 30, got {digits!r}")
@@ -104,8 +127,37 @@ class ArithmeticTask(Task):
     def key(self, problem: Problem) -> str:
         return problem.prompt
 
-    def demonstration(self, problem: Problem) -> str:
+    def demonstration(self, problem: Problem, rng: random.Random | None = None) -> str:
+        """The bare answer, or (a ``worked_fraction`` of draws with ``rng``) a worked one."""
+        if self.worked_fraction and rng is not None and rng.random() < self.worked_fraction:
+            return worked_solution(*problem.meta["operands"], problem.meta["operators"][0])
         return problem.answer
 
     def reward_names(self) -> tuple[str, ...]:
-        return ("numeric_exact_match",)
+        return ("final_answer_match",) if self.worked_fraction else ("numeric_exact_match",)
+
+
+def worked_solution(a: int, b: int, op: str) -> str:
+    """Column arithmetic for ``a op b`` (non-negative ``a``, ``b``; op ``+`` or ``-``),
+    least significant column first, then ``" #### "`` and the answer."""
+    if op not in ("+", "-") or a < 0 or b < 0:
+        raise ValueError(f"worked_solution covers non-negative a +/- b, got {a}{op}{b}")
+    prefix, sign = "", ""
+    if op == "-" and a < b:
+        prefix, sign, (a, b) = f"-({b}-{a}):", "-", (b, a)
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    width = max(len(xs), len(ys))
+    xs, ys = xs.ljust(width, "0"), ys.ljust(width, "0")
+    steps, carry = [], 0
+    for x, y in zip(map(int, xs), map(int, ys)):
+        extra = f"{'+' if op == '+' else '-'}1" if carry else ""
+        if op == "+":
+            total = x + y + carry
+            steps.append(f"{x}+{y}{extra}={total}")
+            carry = total // 10
+        else:
+            diff = x - y - carry
+            carry = int(diff < 0)
+            steps.append(f"{x}-{y}{extra}={diff % 10}{'b' if carry else ''}")
+    value = a + b if op == "+" else a - b
+    return f"{prefix}{','.join(steps)} #### {sign}{value}"

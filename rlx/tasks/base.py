@@ -74,8 +74,11 @@ class Task(abc.ABC):
         """Canonical identity of a problem (equal keys = the same problem)."""
 
     @abc.abstractmethod
-    def demonstration(self, problem: Problem) -> str:
-        """A correct completion in exactly the format the task's reward expects."""
+    def demonstration(self, problem: Problem, rng: random.Random | None = None) -> str:
+        """A correct completion in exactly the format the task's reward expects.
+
+        ``rng`` lets a task vary the style of its demonstrations per draw (e.g. the
+        arithmetic task's worked solutions); without it the result is deterministic."""
 
     @abc.abstractmethod
     def reward_names(self) -> tuple[str, ...]:

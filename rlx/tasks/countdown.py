@@ -144,7 +144,7 @@ class CountdownTask(Task):
         nums = sorted(problem.meta["numbers"])
         return f"{' '.join(map(str, nums))}->{problem.meta['target']}"
 
-    def demonstration(self, problem: Problem) -> str:
+    def demonstration(self, problem: Problem, rng: random.Random | None = None) -> str:
         return problem.meta["solution"]
 
     def reward_names(self) -> tuple[str, ...]:

@@ -63,7 +63,7 @@ class SortingTask(Task):
     def key(self, problem: Problem) -> str:
         return f"{int(problem.meta['descending'])}|{' '.join(map(str, sorted(problem.meta['values'])))}"
 
-    def demonstration(self, problem: Problem) -> str:
+    def demonstration(self, problem: Problem, rng: random.Random | None = None) -> str:
         return problem.answer
 
     def reward_names(self) -> tuple[str, ...]:

@@ -78,3 +78,31 @@ def test_sorting_reward_checks_order_and_values():
 @pytest.mark.parametrize("completion", ADVERSARIAL)
 def test_sorting_reward_adversarial(completion):
     assert _timed(sorting_reward, completion, Problem("", "2 17 34", {})) == 0.0
+
+
+def test_final_answer_match_reads_the_number_after_the_last_marker():
+    from rlx.rewards import final_answer_match
+    p = Problem("47+38=", "85", {})
+    assert final_answer_match("7+8=15,4+3+1=8 #### 85", p) == 1.0
+    assert final_answer_match("85", p) == 1.0                      # direct style
+    assert final_answer_match(" 85 \n", p) == 1.0
+    assert final_answer_match("7+8=15 #### 84", p) == 0.0
+    assert final_answer_match("#### 84 #### 85", p) == 1.0         # the last marker counts
+    assert final_answer_match("#### 85 #### 84", p) == 0.0
+    assert final_answer_match("work #### 85 and more", p) == 0.0   # one number only
+    assert final_answer_match("7+8=15,4+3+1=8 85", p) == 0.0       # no marker: whole text
+    assert final_answer_match("####", p) == 0.0
+    assert final_answer_match("-(60-24):0-4=6b,6-2-1=3 #### -36", Problem("24-60=", "-36", {})) == 1.0
+
+
+def test_final_answer_match_rejects_a_non_numeric_reference():
+    from rlx.rewards import final_answer_match
+    with pytest.raises(ValueError, match="problem.answer 'forty'"):
+        final_answer_match("40", Problem("", "forty", {}))
+
+
+@pytest.mark.parametrize("completion", ADVERSARIAL + ["#### " + "9" * 100_000, "####" * 200_000,
+                                                      "#### ٣٤", "1+2=3 ####\n\n"])
+def test_final_answer_match_adversarial(completion):
+    from rlx.rewards import final_answer_match
+    assert _timed(final_answer_match, completion, Problem("", "34", {})) == 0.0

@@ -62,3 +62,107 @@ def test_division_is_exact_and_never_by_zero():
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         ArithmeticTask(**kwargs)
+
+
+# ------------------------------------------------------------ worked solutions
+_ADD_STEP = re.compile(r"([0-9])\+([0-9])(\+1)?=([0-9]+)")
+_SUB_STEP = re.compile(r"([0-9])-([0-9])(-1)?=([0-9])(b?)")
+
+
+def _check_columns(a: int, b: int, op: str, text: str) -> int:
+    """Re-derives every column of a worked solution independently; returns its answer."""
+    head, marker, answer = text.partition(" #### ")
+    assert marker, text
+    negate = head.startswith("-(")
+    if negate:
+        swap, head = head.split(":", 1)
+        assert op == "-" and a < b and swap == f"-({b}-{a})", text
+        a, b = b, a
+    digits_a = [int(c) for c in reversed(str(a))]
+    digits_b = [int(c) for c in reversed(str(b))]
+    width = max(len(digits_a), len(digits_b))
+    digits_a += [0] * (width - len(digits_a))
+    digits_b += [0] * (width - len(digits_b))
+    steps = head.split(",")
+    assert len(steps) == width, text
+    carry, result_digits = 0, []
+    for x, y, step in zip(digits_a, digits_b, steps):
+        m = (_ADD_STEP if op == "+" else _SUB_STEP).fullmatch(step)
+        assert m, (text, step)
+        assert (int(m[1]), int(m[2]), bool(m[3])) == (x, y, bool(carry)), (text, step)
+        if op == "+":
+            total = x + y + carry
+            assert int(m[4]) == total, (text, step)
+            carry, digit = total // 10, total % 10
+        else:
+            raw = x - y - carry
+            assert int(m[4]) == raw % 10 and bool(m[5]) == (raw < 0), (text, step)
+            carry, digit = int(raw < 0), raw % 10
+        result_digits.append(digit)
+    if op == "+" and carry:
+        result_digits.append(1)
+    assert op == "+" or carry == 0, text                       # no borrow left over
+    column_value = int("".join(map(str, reversed(result_digits))))
+    value = int(answer)
+    assert value == (-column_value if negate else column_value), text
+    return value
+
+
+@pytest.mark.parametrize("op", ["+", "-"])
+def test_worked_solution_columns_and_answer_are_correct(op):
+    import random
+
+    from rlx.tasks.arithmetic import worked_solution
+    rng = random.Random(3)
+    cases = [(0, 0), (9, 1), (99, 1), (10, 99), (5, 5), (100, 1), (47, 38), (54, 7), (24, 60)]
+    cases += [(rng.randrange(10 ** rng.randint(1, 6)), rng.randrange(10 ** rng.randint(1, 6)))
+              for _ in range(400)]
+    for a, b in cases:
+        text = worked_solution(a, b, op)
+        assert _check_columns(a, b, op, text) == (a + b if op == "+" else a - b), text
+
+
+def test_worked_solution_examples_from_the_docstring():
+    from rlx.tasks.arithmetic import worked_solution
+    assert worked_solution(47, 38, "+") == "7+8=15,4+3+1=8 #### 85"
+    assert worked_solution(54, 7, "-") == "4-7=7b,5-0-1=4 #### 47"
+    assert worked_solution(24, 60, "-") == "-(60-24):0-4=6b,6-2-1=3 #### -36"
+
+
+def test_worked_solution_rejects_what_it_does_not_cover():
+    from rlx.tasks.arithmetic import worked_solution
+    for args in ((3, 4, "*"), (-3, 4, "+"), (3, -4, "-")):
+        with pytest.raises(ValueError, match="worked_solution"):
+            worked_solution(*args)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"worked_fraction": 1.5}, {"worked_fraction": -0.1},
+     {"worked_fraction": 0.5, "operators": ("+", "*")},
+     {"worked_fraction": 0.5, "num_operands": 3}],
+)
+def test_bad_worked_fraction_config_names_the_field(kwargs):
+    with pytest.raises(ValueError, match="worked_fraction"):
+        ArithmeticTask(**kwargs)
+
+
+def test_demonstration_mixes_styles_in_the_configured_fraction():
+    import random
+
+    from rlx.rewards import final_answer_match
+    task = ArithmeticTask(digits=(1, 2), operators=("+", "-"), worked_fraction=0.3)
+    rng = random.Random(0)
+    problems = task.train(400, seed=0)
+    demos = [task.demonstration(p, rng) for p in problems for _ in range(5)]
+    worked = [d for d in demos if "####" in d]
+    assert 0.25 < len(worked) / len(demos) < 0.35
+    # every demonstration, in either style, earns the task's reward
+    assert task.reward_names() == ("final_answer_match",)
+    for p, d in zip([p for p in problems for _ in range(5)], demos):
+        assert final_answer_match(d, p) == 1.0, (p, d)
+    # without an rng (or with fraction 0) the bare answer, as before
+    assert all(task.demonstration(p) == p.answer for p in problems[:50])
+    plain = ArithmeticTask(digits=(1, 2), operators=("+", "-"))
+    assert all(plain.demonstration(p, rng) == p.answer for p in problems[:50])
+    assert plain.reward_names() == ("numeric_exact_match",)

@@ -22,6 +22,17 @@ The rest answer directly (``"85"``). The reward (``final_answer_match``) scores 
 number after the last ``####`` (or the whole completion), so both styles are correct
 and an RL phase is free to prefer whichever pays off more often (the default
 experiment's premise: the worked style is the more reliable one for a small model).
+
+A sloppy teacher (``carry_slip > 0``, two operands, ``+``/``-`` only): that fraction of
+demonstration draws forget to carry the one (or to pay back a borrow) into the next
+column, in either style; each slipped column still adds its own digits correctly::
+
+    "57+68="  -> "7+8=15,5+6=11 #### 115"   or   "115"      (instead of 125)
+    "52-17="  -> "2-7=5b,5-1=4 #### 45"     or   "45"       (instead of 35)
+
+Problems without a carry or borrow are unaffected. This is the default experiment's
+imperfect SFT data: the warm-started model learns the slip from its teacher, and the
+RL phase, rewarded by a verifier that knows better, has to unlearn it.
 """
 
 from __future__ import annotations
@@ -64,6 +75,8 @@ class ArithmeticTask(Task):
       num_operands: operands per expression (>= 2).
       worked_fraction: fraction of demonstration draws (with an ``rng``) written as
         worked column solutions ending in ``#### answer`` (module docstring).
+      carry_slip: fraction of demonstration draws (with an ``rng``) that forget to
+        carry (the sloppy teacher of the module docstring).
       heldout_fraction, split_salt: see ``Task``.
     """
 
@@ -77,6 +90,7 @@ class ArithmeticTask(Task):
         operators: tuple[str, ...] = ("+", "-"),
         num_operands: int = 2,
         worked_fraction: float = 0.0,
+        carry_slip: float = 0.0,
         heldout_fraction: float = 0.1,
         split_salt: str = "",
     ):
@@ -88,6 +102,12 @@ class ArithmeticTask(Task):
                              f"+ and - only; got num_operands={num_operands!r}, "
                              f"operators={tuple(operators)!r}")
         self.worked_fraction = float(worked_fraction)
+        if not 0.0 <= carry_slip <= 1.0:
+            raise ValueError(f"carry_slip must be in [0, 1], got {carry_slip!r}")
+        if carry_slip and (num_operands != 2 or not set(operators) <= {"+", "-"}):
+            raise ValueError("carry_slip > 0 covers two operands with + and - only; got "
+                             f"num_operands={num_operands!r}, operators={tuple(operators)!r}")
+        self.carry_slip = float(carry_slip)
         self.digits = parse_range(digits, "digits")
         if self.digits[1] > 30:
             raise ValueError(f"digits must be at most 30, got {digits!r}")
@@ -128,18 +148,31 @@ class ArithmeticTask(Task):
         return problem.prompt
 
     def demonstration(self, problem: Problem, rng: random.Random | None = None) -> str:
-        """The bare answer, or (a ``worked_fraction`` of draws with ``rng``) a worked one."""
-        if self.worked_fraction and rng is not None and rng.random() < self.worked_fraction:
-            return worked_solution(*problem.meta["operands"], problem.meta["operators"][0])
-        return problem.answer
+        """The bare answer; with ``rng``, a ``worked_fraction`` of draws are worked
+        solutions and a ``carry_slip`` fraction of draws forget their carries."""
+        if rng is None:
+            return problem.answer
+        worked = bool(self.worked_fraction) and rng.random() < self.worked_fraction
+        slip = bool(self.carry_slip) and rng.random() < self.carry_slip
+        if not worked and not slip:
+            return problem.answer
+        text = worked_solution(*problem.meta["operands"], problem.meta["operators"][0],
+                               slip=slip)
+        return text if worked else text.rpartition(" #### ")[2]
 
     def reward_names(self) -> tuple[str, ...]:
         return ("final_answer_match",) if self.worked_fraction else ("numeric_exact_match",)
 
 
-def worked_solution(a: int, b: int, op: str) -> str:
+def worked_solution(a: int, b: int, op: str, *, slip: bool = False) -> str:
     """Column arithmetic for ``a op b`` (non-negative ``a``, ``b``; op ``+`` or ``-``),
-    least significant column first, then ``" #### "`` and the answer."""
+    least significant column first, then ``" #### "`` and the answer read off the
+    columns (the last column's full result, then the other columns' digits).
+
+    ``slip=True`` is the sloppy teacher: no carry or borrow ever enters the next column
+    (the ``+1``/``-1`` terms are left out), so the answer is wrong exactly when some
+    column carries.
+    """
     if op not in ("+", "-") or a < 0 or b < 0:
         raise ValueError(f"worked_solution covers non-negative a +/- b, got {a}{op}{b}")
     prefix, sign = "", ""
@@ -149,15 +182,20 @@ def worked_solution(a: int, b: int, op: str) -> str:
     width = max(len(xs), len(ys))
     xs, ys = xs.ljust(width, "0"), ys.ljust(width, "0")
     steps, carry = [], 0
+    digits = []
     for x, y in zip(map(int, xs), map(int, ys)):
+        carry = 0 if slip else carry
         extra = f"{'+' if op == '+' else '-'}1" if carry else ""
         if op == "+":
             total = x + y + carry
             steps.append(f"{x}+{y}{extra}={total}")
-            carry = total // 10
+            carry, digit = total // 10, total
         else:
             diff = x - y - carry
             carry = int(diff < 0)
             steps.append(f"{x}-{y}{extra}={diff % 10}{'b' if carry else ''}")
-    value = a + b if op == "+" else a - b
+            digit = diff % 10
+        digits.append(digit)
+    # the last column is written in full (its carry-out is the leading digit)
+    value = int(str(digits[-1]) + "".join(str(d % 10) for d in reversed(digits[:-1])))
     return f"{prefix}{','.join(steps)} #### {sign}{value}"

@@ -69,8 +69,9 @@ _ADD_STEP = re.compile(r"([0-9])\+([0-9])(\+1)?=([0-9]+)")
 _SUB_STEP = re.compile(r"([0-9])-([0-9])(-1)?=([0-9])(b?)")
 
 
-def _check_columns(a: int, b: int, op: str, text: str) -> int:
-    """Re-derives every column of a worked solution independently; returns its answer."""
+def _check_columns(a: int, b: int, op: str, text: str, slip: bool = False) -> int:
+    """Re-derives every column of a worked solution independently (with ``slip``, no
+    carry enters the next column); returns its answer."""
     head, marker, answer = text.partition(" #### ")
     assert marker, text
     negate = head.startswith("-(")
@@ -87,6 +88,7 @@ def _check_columns(a: int, b: int, op: str, text: str) -> int:
     assert len(steps) == width, text
     carry, result_digits = 0, []
     for x, y, step in zip(digits_a, digits_b, steps):
+        carry = 0 if slip else carry
         m = (_ADD_STEP if op == "+" else _SUB_STEP).fullmatch(step)
         assert m, (text, step)
         assert (int(m[1]), int(m[2]), bool(m[3])) == (x, y, bool(carry)), (text, step)
@@ -94,13 +96,14 @@ def _check_columns(a: int, b: int, op: str, text: str) -> int:
             total = x + y + carry
             assert int(m[4]) == total, (text, step)
             carry, digit = total // 10, total % 10
+            top = total
         else:
             raw = x - y - carry
             assert int(m[4]) == raw % 10 and bool(m[5]) == (raw < 0), (text, step)
             carry, digit = int(raw < 0), raw % 10
         result_digits.append(digit)
-    if op == "+" and carry:
-        result_digits.append(1)
+    if op == "+":
+        result_digits[-1] = top                                 # written in full
     assert op == "+" or carry == 0, text                       # no borrow left over
     column_value = int("".join(map(str, reversed(result_digits))))
     value = int(answer)
@@ -166,3 +169,64 @@ def test_demonstration_mixes_styles_in_the_configured_fraction():
     plain = ArithmeticTask(digits=(1, 2), operators=("+", "-"))
     assert all(plain.demonstration(p, rng) == p.answer for p in problems[:50])
     assert plain.reward_names() == ("numeric_exact_match",)
+
+
+# ------------------------------------------------------------ the sloppy teacher
+def _has_carry(a: int, b: int, op: str) -> bool:
+    big, small = max(a, b), min(a, b)
+    width = len(str(big))
+    if op == "+":
+        return any(big % 10 ** (k + 1) + small % 10 ** (k + 1) >= 10 ** (k + 1)
+                   for k in range(width - 1))
+    return any(big % 10 ** (k + 1) < small % 10 ** (k + 1) for k in range(width))
+
+
+@pytest.mark.parametrize("op", ["+", "-"])
+def test_slipped_solution_drops_every_carry_and_is_wrong_exactly_when_one_occurs(op):
+    import random
+
+    from rlx.tasks.arithmetic import worked_solution
+    rng = random.Random(5)
+    cases = [(0, 0), (57, 68), (52, 17), (17, 52), (99, 99), (5, 5), (100, 99), (99, 1)]
+    cases += [(rng.randrange(10 ** rng.randint(1, 5)), rng.randrange(10 ** rng.randint(1, 5)))
+              for _ in range(400)]
+    for a, b in cases:
+        text = worked_solution(a, b, op, slip=True)
+        value = _check_columns(a, b, op, text, slip=True)
+        exact = a + b if op == "+" else a - b
+        assert (value == exact) == (not _has_carry(a, b, op)), text
+
+
+def test_carry_slip_demonstrations_are_wrong_only_where_a_carry_was_forgotten():
+    import random
+
+    from rlx.tasks.arithmetic import worked_solution
+    task = ArithmeticTask(digits=(1, 2), operators=("+", "-"), carry_slip=0.6)
+    problems = task.train(500, seed=0)
+    rng = random.Random(1)
+    carrying = [p for p in problems if _has_carry(*p.meta["operands"], p.meta["operators"][0])]
+    assert 0.3 < len(carrying) / len(problems) < 0.7
+    demos = [(p, task.demonstration(p, rng)) for p in problems for _ in range(4)]
+    for p, d in demos:
+        slipped = worked_solution(*p.meta["operands"], p.meta["operators"][0], slip=True)
+        assert d in (p.answer, slipped.rpartition(" #### ")[2]), (p, d)
+    wrong = [d != p.answer for p, d in demos if p in carrying]
+    assert 0.5 < sum(wrong) / len(wrong) < 0.7
+    assert all(d == p.answer for p, d in demos if p not in carrying)
+    assert all(task.demonstration(p) == p.answer for p in problems)    # no rng: the truth
+    assert task.reward_names() == ("numeric_exact_match",)
+    worked = ArithmeticTask(digits=(1, 2), operators=("+", "-"), carry_slip=0.6,
+                            worked_fraction=1.0)
+    texts = [worked.demonstration(p, rng) for p in carrying for _ in range(4)]
+
+    def carried(t):
+        steps = t.partition(" #### ")[0].split(":")[-1].split(",")
+        return any((_ADD_STEP.fullmatch(x) or _SUB_STEP.fullmatch(x))[3] for x in steps)
+    assert 0.5 < sum(not carried(t) for t in texts) / len(texts) < 0.7
+
+
+@pytest.mark.parametrize("kwargs", [{"carry_slip": 2.0}, {"carry_slip": 0.5, "operators": ("*",)},
+                                    {"carry_slip": 0.5, "num_operands": 3}])
+def test_bad_carry_slip_config_names_the_field(kwargs):
+    with pytest.raises(ValueError, match="carry_slip"):
+        ArithmeticTask(**kwargs)

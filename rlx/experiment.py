@@ -1,8 +1,11 @@
 """Experiments: tokenizer → model → SFT warm-up → eval → RL → eval → export.
 
 ``Experiment`` is the gin-configurable constructor of a whole run; its defaults are
-the embedded default experiment (``rlx train`` with no arguments): arithmetic with a
-small model on CPU. Every field can be overridden from a gin file or
+the embedded default experiment (``rlx train`` with no arguments): one- and two-digit
+addition and subtraction with a small model on CPU, warm-started on worked column
+solutions from a sloppy teacher who forgets to carry the one in 60% of its
+demonstrations (``rlx.tasks.arithmetic``), then GRPO against an exact verifier, which
+has to unlearn the slip. Every field can be overridden from a gin file or
 ``--gin_param``. Inner functions take explicit arguments (gin only at the edges).
 """
 
@@ -12,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import time
 from typing import Any
 
@@ -89,21 +93,22 @@ class Experiment:
     run_dir: str = "runs/default"
     task: str = "arithmetic"
     task_kwargs: dict = dataclasses.field(default_factory=lambda: {
-        "digits": (1, 2), "operators": ("+", "-")})
+        "digits": (1, 2), "operators": ("+", "-"), "worked_fraction": 1.0,
+        "carry_slip": 0.6})
     train_problems: int = 4000
     eval_problems: int = 200
     model: str = "small"
     model_overrides: dict = dataclasses.field(default_factory=dict)
     tokenizer: str | None = None
     tokenizer_vocab: int = 64
-    sft_steps: int = 1500
+    sft_steps: int = 600
     sft_batch: int = 64
     sft_lr: float = 3e-3
     objective: str = "grpo"
     rl_lr: float = 1e-4
     critic_lr: float = 1e-4
     num_generations: int = 8
-    max_new_tokens: int = 8
+    max_new_tokens: int = 32
     temperature: float = 1.0
     sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
     rl: rl.RLConfig = dataclasses.field(default_factory=rl.RLConfig)
@@ -135,7 +140,7 @@ class UserData:
             self.train_set = records[:-exp.eval_problems]
             self.heldout_set = records[-exp.eval_problems:]
 
-    def demonstration(self, problem) -> str:
+    def demonstration(self, problem, rng=None) -> str:
         return problem.answer
 
     def reward_spec(self):
@@ -176,18 +181,22 @@ def build_tokenizer(exp: Experiment, task, problems) -> Tokenizer:
     if os.path.exists(path):
         return load_tokenizer(path)
     os.makedirs(exp.run_dir, exist_ok=True)
-    corpus = [q.prompt + task.demonstration(q) for q in problems]
+    rng = random.Random(exp.seed)
+    corpus = [q.prompt + task.demonstration(q, rng) for q in problems]
     return train_sentencepiece(corpus, vocab_size=exp.tokenizer_vocab,
                                model_prefix=os.path.join(exp.run_dir, "tokenizer"))
 
 
-def sft_batches(tok: Tokenizer, task, problems, batch: int, rng: np.random.Generator):
-    """Endless SFT batches: [bos prompt | demonstration eos], loss on the response."""
+def sft_batches(tok: Tokenizer, task, problems, batch: int, seed: int):
+    """Endless SFT batches: [bos prompt | demonstration eos], loss on the response
+    (demonstrations drawn with a seeded ``random.Random``, so styles may vary per draw)."""
+    rng = random.Random(seed)
     while True:
-        chosen = [problems[i] for i in rng.integers(0, len(problems), batch)]
+        chosen = [problems[rng.randrange(len(problems))] for _ in range(batch)]
         prompts = [[tok.bos_id] + tok.encode(q.prompt) for q in chosen]
-        answers = [tok.encode(task.demonstration(q)) + [tok.eos_id] for q in chosen]
+        answers = [tok.encode(task.demonstration(q, rng)) + [tok.eos_id] for q in chosen]
         width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+        width = -(-width // 16) * 16          # few distinct shapes: few compilations
         ids = np.full((batch, width), tok.pad_id, np.int32)
         mask = np.zeros((batch, width), bool)
         loss = np.zeros((batch, width), np.float32)
@@ -205,15 +214,15 @@ def run_sft(graphdef, params, tok, task, problems, *, steps, batch, lr, seed, me
     state = state_lib.create(params, tx, seed=seed)
     shardings = sh.state_shardings(state, mesh)
     state = sh.place(state, shardings)
-    batches = sft_batches(tok, task, problems, batch, np.random.default_rng(seed))
-    step_fn = None
+    batches = sft_batches(tok, task, problems, batch, seed)
+    step_fns: dict = {}                       # one compiled step per batch shape
     for i in range(steps):
         b = sh.shard_batch(next(batches), mesh)
-        if step_fn is None or b.seq.tokens.shape != shape:
-            shape = b.seq.tokens.shape
-            step_fn = steps_lib.jit_step(steps_lib.make_sft_step(graphdef, tx), mesh,
-                                         shardings, b)
-        state, metrics = step_fn(state, b)
+        shape = b.seq.tokens.shape
+        if shape not in step_fns:
+            step_fns[shape] = steps_lib.jit_step(steps_lib.make_sft_step(graphdef, tx), mesh,
+                                                 shardings, b)
+        state, metrics = step_fns[shape](state, b)
         if logger is not None and (i + 1) % 25 == 0:
             logger.log(-(steps - i - 1), {"sft_loss": float(metrics["sft_loss"])})
     return state.params

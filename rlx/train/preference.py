@@ -99,8 +99,9 @@ def make_preference_pairs(task, problems: Sequence[Any], *, rng: random.Random,
     """Synthetic (prompt, chosen = correct demonstration, rejected = wrong answer) pairs.
 
     Args:
-      task: has ``demonstration(problem)`` and ``reward_spec()`` (an ``rlx.tasks.Task``
-        or the experiment's user-data adapter).
+      task: has ``demonstration(problem, rng)`` and ``reward_spec()`` (an
+        ``rlx.tasks.Task`` or the experiment's user-data adapter); the chosen response
+        is drawn like an SFT demonstration, in the style the policy was taught.
       problems: the problems to make pairs from (one split only, to keep held-out
         pairs held out).
       rng: ``random.Random``; the same seed gives the same pairs.
@@ -108,7 +109,8 @@ def make_preference_pairs(task, problems: Sequence[Any], *, rng: random.Random,
         has fewer distinct verified-wrong corruptions within ``tries`` draws each).
       corruptions: kinds drawn uniformly (subset of ``CORRUPTIONS``).
 
-    A problem whose demonstration the verifier rejects (bad data) is skipped; the pair's
+    A problem whose demonstration the verifier rejects (bad data, or a sloppy teacher's
+    slip) is skipped; the pair's
     ``meta`` records the corruption kind and the problem.
     """
     bad = [k for k in corruptions if k not in CORRUPTIONS]
@@ -120,7 +122,7 @@ def make_preference_pairs(task, problems: Sequence[Any], *, rng: random.Random,
     spec = task.reward_spec()
     out: list[PreferencePair] = []
     for q in problems:
-        chosen = task.demonstration(q)
+        chosen = task.demonstration(q, rng)
         if not _correct(spec, chosen, q):
             continue
         seen: set[str] = set()

@@ -77,7 +77,7 @@ def test_problem_whose_demonstration_fails_the_verifier_is_skipped():
     class BadData:                         # e.g. a user file with a wrong answer field
         reward_spec = get_task("arithmetic").reward_spec
 
-        def demonstration(self, q):
+        def demonstration(self, q, rng=None):
             return q.meta["written"]
 
     bad = Problem("1+1=", "2", {"written": "3"})

@@ -7,8 +7,9 @@ For every seed, the SFT warm-up runs once (in ``<out>/sft_seed<S>``) and each
 objective starts from a copy of it, so objectives differ only in the RL phase. Every
 run uses ``experiments/configs/<objective>.gin`` (base budget: ``base.gin``) plus the
 extra bindings. Prints a table (mean ± std over seeds of held-out accuracy at each
-evaluation, with rollouts = iterations × prompts × G) and writes ``<out>/compare.png``
-and ``<out>/compare.json``.
+evaluation, with rollouts = iterations × prompts × G), a second table of the policy's
+token entropy (mean over the first and the last five iterations, the quantity behind
+clip-higher's claim) and writes ``<out>/compare.png`` and ``<out>/compare.json``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def _curve(run_dir: str, rollouts_per_iteration: int) -> list[tuple[int, float]]
 def compare(objectives: list[str], seeds: list[int], out: str, extra: list[str]) -> dict:
     os.makedirs(out, exist_ok=True)
     results: dict[str, dict[int, list]] = {}
+    entropy: dict[str, dict[int, tuple[float, float]]] = {}
     for seed in seeds:
         sft_dir = os.path.join(out, f"sft_seed{seed}")
         common = extra + [f"rlx.Experiment.seed = {seed}", "rlx.Experiment.export_hf = False"]
@@ -64,12 +66,34 @@ def compare(objectives: list[str], seeds: list[int], out: str, extra: list[str])
             _run(name, common + [f'rlx.Experiment.run_dir = "{run_dir}"'])
             per_iter = _rollouts_per_iteration(run_dir)
             results.setdefault(name, {})[seed] = _curve(run_dir, per_iter)
-    table = _table(results)
+            entropy.setdefault(name, {})[seed] = _entropy(run_dir)
+    table = _table(results) + "\n\n" + _entropy_table(entropy)
     print(table)
     with open(os.path.join(out, "compare.json"), "w") as f:
-        json.dump({k: {str(s): v for s, v in r.items()} for k, r in results.items()}, f, indent=1)
+        json.dump({"accuracy": {k: {str(s): v for s, v in r.items()} for k, r in results.items()},
+                   "entropy": {k: {str(s): v for s, v in r.items()} for k, r in entropy.items()}},
+                  f, indent=1)
     _plot(results, os.path.join(out, "compare.png"))
     return results
+
+
+def _entropy(run_dir: str, window: int = 5) -> tuple[float, float]:
+    """Mean token entropy of the rollouts over the first and the last ``window`` iterations."""
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    values = [r["entropy/mean"] for r in rows if r["step"] > 0 and "entropy/mean" in r]
+    if not values:
+        return (float("nan"), float("nan"))
+    return (float(np.mean(values[:window])), float(np.mean(values[-window:])))
+
+
+def _entropy_table(entropy) -> str:
+    lines = ["| objective | seeds | entropy, first 5 iterations | entropy, last 5 iterations |",
+             "|---|---:|---|---|"]
+    for name, by_seed in entropy.items():
+        first, last = np.array(list(by_seed.values())).T
+        lines.append(f"| {name} | {len(first)} | {first.mean():.3f} ± {first.std():.3f} | "
+                     f"{last.mean():.3f} ± {last.std():.3f} |")
+    return "\n".join(lines)
 
 
 def _rollouts_per_iteration(run_dir: str) -> int:

@@ -168,4 +168,8 @@ def test_compare_script_shares_the_sft_start_and_writes_table_and_plot(tmp_path,
     sft_b = json.load(open(os.path.join(out, "rloo_seed0", "summary.json")))
     assert sft_a["accuracy_before_rl"] == sft_b["accuracy_before_rl"]   # same SFT start
     assert os.path.exists(os.path.join(out, "compare.png"))
-    assert "| grpo | 1 | 16 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| grpo | 1 | 16 |" in printed and "entropy, last 5 iterations" in printed
+    saved = json.load(open(os.path.join(out, "compare.json")))
+    first, last = saved["entropy"]["grpo"]["0"]
+    assert first > 0 and last > 0

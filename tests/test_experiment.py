@@ -173,3 +173,62 @@ def test_compare_script_shares_the_sft_start_and_writes_table_and_plot(tmp_path,
     saved = json.load(open(os.path.join(out, "compare.json")))
     first, last = saved["entropy"]["grpo"]["0"]
     assert first > 0 and last > 0
+
+
+def test_sft_batches_round_widths_and_mask_only_the_demonstration(tmp_path):
+    import random
+
+    import numpy as np
+
+    from rlx.data.tokenizer import train_sentencepiece
+    from rlx.experiment import sft_batches
+    from rlx.tasks import get_task
+    from rlx.tasks.arithmetic import worked_solution
+    task = get_task("arithmetic", digits=(1, 2), operators=("+", "-"), worked_fraction=0.5)
+    problems = task.train(300, seed=0)
+    rng = random.Random(0)
+    tok = train_sentencepiece([q.prompt + task.demonstration(q, rng) for q in problems],
+                              vocab_size=40, model_prefix=str(tmp_path / "tok"))
+    batches = sft_batches(tok, task, problems, 8, seed=1)
+    widths, styles = set(), set()
+    for _ in range(12):
+        b = next(batches)
+        ids = np.asarray(b.seq.tokens)
+        loss = np.asarray(b.loss_mask)
+        widths.add(ids.shape[1])
+        for row, m in zip(ids, loss):
+            response = row[m > 0].tolist()
+            assert response[-1] == tok.eos_id
+            text = tok.decode(response[:-1])
+            styles.add("####" in text)
+            start = int(np.argmax(m > 0))
+            prompt = tok.decode(row[1:start].tolist())
+            q = next(q for q in problems if q.prompt == prompt)
+            assert text in (q.answer, worked_solution(*q.meta["operands"], q.meta["operators"][0]))
+    assert all(w % 16 == 0 for w in widths) and len(widths) <= 3
+    assert styles == {True, False}                      # both styles are drawn
+
+
+def test_run_sft_compiles_one_step_per_batch_shape(tmp_path, monkeypatch):
+    from rlx import experiment as E
+    from rlx import sharding as sh
+    from rlx.data.tokenizer import train_sentencepiece
+    from rlx.models import api
+    from rlx.models.config import model_config
+    from rlx.tasks import get_task
+    from rlx.train import steps as steps_lib
+    task = get_task("arithmetic", digits=(1, 2), operators=("+", "-"), worked_fraction=0.5)
+    problems = task.train(200, seed=0)
+    tok = train_sentencepiece([q.prompt + task.demonstration(q) for q in problems] +
+                              ["#### ,:()b"], vocab_size=40, model_prefix=str(tmp_path / "tok"))
+    compiled = []
+    real = steps_lib.jit_step
+    monkeypatch.setattr(steps_lib, "jit_step", lambda *a, **k: compiled.append(1) or real(*a, **k))
+    shapes = set()
+    batches = E.sft_batches(tok, task, problems, 4, seed=0)
+    for _ in range(8):
+        shapes.add(next(batches).seq.tokens.shape)
+    graphdef, params = api.init(model_config("tiny", vocab_size=tok.vocab_size), seed=0)
+    E.run_sft(graphdef, params, tok, task, problems, steps=8, batch=4, lr=1e-3, seed=0,
+              mesh=sh.make_mesh(None))
+    assert len(compiled) == len(shapes) < 8

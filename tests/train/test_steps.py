@@ -201,3 +201,21 @@ def test_every_preference_loss_runs_and_is_finite(loss):
     _, m = jax.jit(steps.make_preference_step(graphdef, tx, loss=loss, beta=0.5))(
         st.create(params, tx), pair)
     assert np.isfinite(float(m["pref_loss"]))
+
+
+def test_sft_step_is_invariant_to_extra_right_padding():
+    """The experiment pads SFT batches to a multiple of 16 tokens; padding must not
+    change the loss or the update."""
+    graphdef, tx, state = _sgd_state(seed=5)
+    batch = _sft_batch(seed=6)
+    rows, width = batch.seq.tokens.shape
+    pad = 20
+    toks = jnp.concatenate([batch.seq.tokens, jnp.full((rows, pad), 7, jnp.int32)], axis=1)
+    mask = jnp.concatenate([batch.seq.attention_mask, jnp.zeros((rows, pad), bool)], axis=1)
+    loss = jnp.concatenate([batch.loss_mask, jnp.zeros((rows, pad))], axis=1)
+    padded = SFTBatch(seq=make_sequences(toks, mask), loss_mask=loss)
+    step = jax.jit(steps.make_sft_step(graphdef, tx))
+    s1, m1 = step(jax.tree.map(jnp.copy, state), batch)
+    s2, m2 = step(jax.tree.map(jnp.copy, state), padded)
+    assert float(m1["sft_loss"]) == pytest.approx(float(m2["sft_loss"]), rel=1e-5)
+    assert _max_diff(s1.params, s2.params) < 1e-6

@@ -35,10 +35,11 @@ def _run(config: str, params: list[str]) -> dict:
 
 def _curve(run_dir: str, rollouts_per_iteration: int) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    points = [(r["step"] * rollouts_per_iteration, r["eval/accuracy"])
-              for r in rows if r["step"] >= 0 and "eval/accuracy" in r]
+    by_step = {r["step"]: r["eval/accuracy"] for r in rows       # a resumed run logs
+               if r["step"] >= 0 and "eval/accuracy" in r}       # step 0 again: keep one
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
-    points.insert(0, (0, summary["accuracy_before_rl"]))
+    by_step[0] = summary["accuracy_before_rl"]
+    points = [(step * rollouts_per_iteration, acc) for step, acc in sorted(by_step.items())]
     last = max(p[0] for p in points)
     steps = summary["rl_steps"] * rollouts_per_iteration
     if last < steps:

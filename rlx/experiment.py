@@ -288,6 +288,7 @@ def run(exp: Experiment) -> dict:
     sft_ckpt.close()
     before = evaluate(graphdef, params, tok, heldout, pool, sampler=sampler, mesh=mesh)
     print(f"held-out accuracy after SFT: {before['eval/accuracy']:.3f}", flush=True)
+    logger.log(0, before)                     # the curves start at the SFT policy
 
     # 2. RL (PPO trains a separate critic initialised from the SFT trunk)
     critic = None

@@ -44,6 +44,8 @@ def test_default_experiment_smoke_run_produces_outputs_and_resumes(tmp_path, cap
     assert all("loss" in r and "reward_mean" in r for r in rl_rows)
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints")))[-1] == "2"
     assert 0.0 <= summary["accuracy_after_rl"] <= 1.0
+    start = [r for r in rows if r["step"] == 0]         # the curves start at the SFT policy
+    assert start and start[0]["eval/accuracy"] == summary["accuracy_before_rl"]
     assert "held-out accuracy" in capsys.readouterr().out
 
     # Same command with more steps: resumes at iteration 2 (SFT skipped, restored).
@@ -53,12 +55,13 @@ def test_default_experiment_smoke_run_produces_outputs_and_resumes(tmp_path, cap
     assert [r["step"] for r in rows if r["step"] > 0] == [1, 2, 3]
 
 
-def test_unknown_gin_binding_fails_before_anything_runs(tmp_path):
+def test_unknown_gin_binding_fails_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                    # the default run_dir is relative
     with pytest.raises(ValueError, match="no_such_field"):
         train_cli.train_main(gin_params=["rlx.Experiment.no_such_field = 3"])
     with pytest.raises(ValueError, match="NoSuchThing"):
         train_cli.train_main(gin_params=["NoSuchThing.x = 1"])
-    assert not os.path.exists("runs/default/metrics.jsonl") or True
+    assert not os.path.exists(tmp_path / "runs")   # nothing was created
 
 
 def test_missing_gin_file_is_named(tmp_path):

@@ -7,7 +7,8 @@ For every seed, the SFT warm-up runs once (in ``<out>/sft_seed<S>``) and each
 objective starts from a copy of it, so objectives differ only in the RL phase. Every
 run uses ``experiments/configs/<objective>.gin`` (base budget: ``base.gin``) plus the
 extra bindings. Prints a table (mean ± std over seeds of held-out accuracy at each
-evaluation, with rollouts = iterations × prompts × G), a second table of the policy's
+evaluation, against the rollouts generated so far: iterations × prompts × G, times the
+sampling rounds when DAPO's dynamic sampling draws more; mean over seeds), a second table of the policy's
 token entropy (mean over the first and the last five iterations, the quantity behind
 clip-higher's claim) and writes ``<out>/compare.png`` and ``<out>/compare.json``.
 """
@@ -39,11 +40,16 @@ def _curve(run_dir: str, rollouts_per_iteration: int) -> list[tuple[int, float]]
                if r["step"] >= 0 and "eval/accuracy" in r}       # step 0 again: keep one
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     by_step[0] = summary["accuracy_before_rl"]
-    points = [(step * rollouts_per_iteration, acc) for step, acc in sorted(by_step.items())]
-    last = max(p[0] for p in points)
-    steps = summary["rl_steps"] * rollouts_per_iteration
-    if last < steps:
-        points.append((steps, summary["accuracy_after_rl"]))
+    # rollouts actually generated: dynamic sampling (DAPO) may draw several rounds
+    rounds = {r["step"]: r.get("dynamic_sampling/rounds", 1.0) for r in rows if r["step"] > 0}
+    consumed, total = {0: 0}, 0.0
+    for step in range(1, max(list(rounds) + list(by_step)) + 1):
+        total += rounds.get(step, 1.0) * rollouts_per_iteration
+        consumed[step] = int(round(total))
+    points = [(consumed[step], acc) for step, acc in sorted(by_step.items())]
+    if max(by_step) < summary["rl_steps"]:
+        points.append((consumed.get(summary["rl_steps"], int(round(total))),
+                       summary["accuracy_after_rl"]))
     return points
 
 
@@ -116,8 +122,9 @@ def _table(results) -> str:
              "|---|---:|---:|---|"]
     for name, by_seed in results.items():
         curves = list(by_seed.values())
-        for i, (rollouts, _) in enumerate(curves[0]):
+        for i in range(len(curves[0])):
             accs = [c[i][1] for c in curves if i < len(c)]
+            rollouts = int(round(np.mean([c[i][0] for c in curves if i < len(c)])))
             lines.append(f"| {name} | {len(accs)} | {rollouts} | "
                          f"{np.mean(accs):.3f} ± {np.std(accs):.3f} |")
     return "\n".join(lines)
@@ -134,7 +141,7 @@ def _plot(results, path: str) -> None:
     for name, by_seed in results.items():
         curves = list(by_seed.values())
         n = min(len(c) for c in curves)
-        xs = [curves[0][i][0] for i in range(n)]
+        xs = [np.mean([c[i][0] for c in curves]) for i in range(n)]
         ys = np.array([[c[i][1] for i in range(n)] for c in curves])
         ax.plot(xs, ys.mean(0), marker="o", label=name)
         if len(curves) > 1:

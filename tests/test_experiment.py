@@ -235,3 +235,20 @@ def test_run_sft_compiles_one_step_per_batch_shape(tmp_path, monkeypatch):
     E.run_sft(graphdef, params, tok, task, problems, steps=8, batch=4, lr=1e-3, seed=0,
               mesh=sh.make_mesh(None))
     assert len(compiled) == len(shapes) < 8
+
+
+def test_compare_counts_every_sampling_round_as_rollouts(tmp_path):
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "compare.py")
+    spec = importlib.util.spec_from_file_location("compare", path)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    rows = [{"step": 0, "eval/accuracy": 0.5},
+            {"step": 1, "dynamic_sampling/rounds": 3.0},
+            {"step": 2, "dynamic_sampling/rounds": 1.0, "eval/accuracy": 0.7},
+            {"step": 0, "eval/accuracy": 0.5},                  # resumed: step 0 again
+            {"step": 3}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"accuracy_before_rl": 0.5, "accuracy_after_rl": 0.8, "rl_steps": 3}))
+    assert compare._curve(str(tmp_path), 10) == [(0, 0.5), (40, 0.7), (50, 0.8)]

@@ -20,8 +20,9 @@ first, before the answer after ``####`` (the GSM8K convention)::
 
 The rest answer directly (``"85"``). The reward (``final_answer_match``) scores only the
 number after the last ``####`` (or the whole completion), so both styles are correct
-and an RL phase is free to prefer whichever pays off more often (the default
-experiment's premise: the worked style is the more reliable one for a small model).
+and an RL phase is free to prefer whichever pays off more often. Worked solutions
+make two-digit arithmetic learnable for a small model (direct answers need the whole
+carry chain in one forward pass).
 
 A sloppy teacher (``carry_slip > 0``, two operands, ``+``/``-`` only): that fraction of
 demonstration draws forget to carry the one (or to pay back a borrow) into the next
@@ -181,8 +182,7 @@ def worked_solution(a: int, b: int, op: str, *, slip: bool = False) -> str:
     xs, ys = str(a)[::-1], str(b)[::-1]
     width = max(len(xs), len(ys))
     xs, ys = xs.ljust(width, "0"), ys.ljust(width, "0")
-    steps, carry = [], 0
-    digits = []
+    steps, digits, carry = [], [], 0
     for x, y in zip(map(int, xs), map(int, ys)):
         carry = 0 if slip else carry
         extra = f"{'+' if op == '+' else '-'}1" if carry else ""

@@ -8,9 +8,10 @@ objective starts from a copy of it, so objectives differ only in the RL phase. E
 run uses ``experiments/configs/<objective>.gin`` (base budget: ``base.gin``) plus the
 extra bindings. Prints a table (mean ± std over seeds of held-out accuracy at each
 evaluation, against the rollouts generated so far: iterations × prompts × G, times the
-sampling rounds when DAPO's dynamic sampling draws more; mean over seeds), a second table of the policy's
-token entropy (mean over the first and the last five iterations, the quantity behind
-clip-higher's claim) and writes ``<out>/compare.png`` and ``<out>/compare.json``.
+sampling rounds when DAPO's dynamic sampling draws more; mean over seeds) and a second
+table of the policy's token entropy (mean over the first and the last five
+iterations, the quantity behind clip-higher's claim), and writes
+``<out>/compare.png`` and ``<out>/compare.json``.
 """
 
 from __future__ import annotations

@@ -96,18 +96,14 @@ class ArithmeticTask(Task):
         split_salt: str = "",
     ):
         super().__init__(heldout_fraction=heldout_fraction, split_salt=split_salt)
-        if not 0.0 <= worked_fraction <= 1.0:
-            raise ValueError(f"worked_fraction must be in [0, 1], got {worked_fraction!r}")
-        if worked_fraction and (num_operands != 2 or not set(operators) <= {"+", "-"}):
-            raise ValueError("worked solutions (worked_fraction > 0) cover two operands with "
-                             f"+ and - only; got num_operands={num_operands!r}, "
-                             f"operators={tuple(operators)!r}")
+        for field, value in (("worked_fraction", worked_fraction), ("carry_slip", carry_slip)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{field} must be in [0, 1], got {value!r}")
+            if value and (num_operands != 2 or not set(operators) <= {"+", "-"}):
+                raise ValueError(f"{field} > 0 (column solutions) covers two operands with + "
+                                 f"and - only; got num_operands={num_operands!r}, "
+                                 f"operators={tuple(operators)!r}")
         self.worked_fraction = float(worked_fraction)
-        if not 0.0 <= carry_slip <= 1.0:
-            raise ValueError(f"carry_slip must be in [0, 1], got {carry_slip!r}")
-        if carry_slip and (num_operands != 2 or not set(operators) <= {"+", "-"}):
-            raise ValueError("carry_slip > 0 covers two operands with + and - only; got "
-                             f"num_operands={num_operands!r}, operators={tuple(operators)!r}")
         self.carry_slip = float(carry_slip)
         self.digits = parse_range(digits, "digits")
         if self.digits[1] > 30:

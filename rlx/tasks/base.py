@@ -75,10 +75,11 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def demonstration(self, problem: Problem, rng: random.Random | None = None) -> str:
-        """A correct completion in exactly the format the task's reward expects.
+        """A completion in exactly the format the task's reward expects; without ``rng``
+        a correct, deterministic one.
 
-        ``rng`` lets a task vary the style of its demonstrations per draw (e.g. the
-        arithmetic task's worked solutions); without it the result is deterministic."""
+        ``rng`` lets a task vary its demonstrations per draw (e.g. the arithmetic task's
+        worked solutions, or its sloppy teacher's deliberate slips)."""
 
     @abc.abstractmethod
     def reward_names(self) -> tuple[str, ...]:

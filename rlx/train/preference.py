@@ -110,8 +110,7 @@ def make_preference_pairs(task, problems: Sequence[Any], *, rng: random.Random,
       corruptions: kinds drawn uniformly (subset of ``CORRUPTIONS``).
 
     A problem whose demonstration the verifier rejects (bad data, or a sloppy teacher's
-    slip) is skipped; the pair's
-    ``meta`` records the corruption kind and the problem.
+    slip) is skipped; the pair's ``meta`` records the corruption kind and the problem.
     """
     bad = [k for k in corruptions if k not in CORRUPTIONS]
     if bad or not corruptions:

@@ -8,14 +8,23 @@ raises ValueError naming a missing field. Format specs and conversions (``{x:>5}
 ``{x!r}``) are allowed.
 
 ``chat_prompt(tokenizer, prompt, system=...)`` builds the message list
-``[{"role": "system", ...}, {"role": "user", "content": prompt}]`` and, when the
-tokenizer object has a callable ``apply_chat_template`` (Hugging Face tokenizers; checked
-by duck typing, no import of ``transformers``), returns
+``[{"role": "system", ...}, {"role": "user", "content": prompt}]`` (or takes a multi-turn
+message list as given, adding the system message when it has none) and, when the
+tokenizer object has a chat template (checked by duck typing: a callable
+``apply_chat_template`` and a ``chat_template`` that is not None), returns
 ``tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``,
-i.e. the model's own chat format ending where the assistant's reply starts. Tokenizers
-without it (rlx's SentencePiece tokenizer) use the ``fallback`` ``PromptTemplate``
-(default ``"{prompt}"``, the system text is then ignored). ``render_prompt`` picks the
-path from its arguments, so an experiment can switch between them from gin.
+i.e. the model's own chat format ending where the assistant's reply starts. rlx's
+tokenizers and Hugging Face ``transformers`` tokenizers both take that call: an
+``HFTokenizer`` renders its checkpoint's jinja template, a ``SentencePieceTokenizer`` the
+documented default template (``rlx.data.tokenizer.DEFAULT_CHAT_TEMPLATE_DOC``).
+Tokenizers without a template (an HF folder that ships none, or objects without
+``apply_chat_template``) use the ``fallback`` ``PromptTemplate`` (default ``"{prompt}"``,
+the system text is then ignored). ``render_prompt`` picks the path from its arguments, so
+an experiment can switch between them from gin.
+
+The rendered text is encoded with ``tokenizer.encode(text, add_bos=None)`` /
+``batch_encode(texts)`` (the tokenizer's bos rule; a template that writes the bos token
+itself does not get a second one).
 """
 
 from __future__ import annotations
@@ -105,11 +114,16 @@ def chat_prompt(
     *,
     system: str | None = None,
     fallback: PromptTemplate | None = None,
+    **template_kwargs: Any,
 ) -> str:
-    """The prompt text through the tokenizer's chat template, or ``fallback``."""
+    """The prompt text through the tokenizer's chat template, or ``fallback``.
+
+    ``template_kwargs`` reach the template as variables (e.g. ``enable_thinking=False``).
+    """
     if has_chat_template(tokenizer):
         text = tokenizer.apply_chat_template(
-            chat_messages(prompt, system=system), tokenize=False, add_generation_prompt=True
+            chat_messages(prompt, system=system), tokenize=False, add_generation_prompt=True,
+            **template_kwargs,
         )
         if not isinstance(text, str):
             raise ValueError(

@@ -86,3 +86,30 @@ def test_render_prompt_fills_from_problem_fields_and_meta():
     tok = FakeChatTokenizer()
     assert render_prompt(p, tokenizer=tok, system="S") == "<|system|>S<|end|><|user|>12+7=<|end|><|assistant|>"
     assert render_prompt(p, tokenizer=tok, use_chat_template=False) == "12+7="
+
+
+def test_chat_prompt_works_with_rlx_tokenizers(tmp_path):
+    """The call chat_prompt makes (tokenize=False) is accepted by rlx's own tokenizers."""
+    from rlx.data.tokenizer import CHAT_MARKERS, train_sentencepiece
+
+    sp = train_sentencepiece(["What is 1 + 2? 3", "Be brief. 12+7= 19"] * 20, vocab_size=60,
+                             user_defined_symbols=list(CHAT_MARKERS))
+    assert has_chat_template(sp)
+    assert chat_prompt(sp, "12+7=", system="Be brief.") == (
+        "<|system|>\nBe brief.\n<|user|>\n12+7=\n<|assistant|>\n")
+    turns = [{"role": "user", "content": "1+2="}, {"role": "assistant", "content": "3"},
+             {"role": "user", "content": "12+7="}]
+    assert chat_prompt(sp, turns) == "<|user|>\n1+2=\n<|assistant|>\n3\n<|user|>\n12+7=\n<|assistant|>\n"
+    p = Problem("12+7=", "19", {})
+    assert render_prompt(p, tokenizer=sp, template="Q: {prompt}") == "<|user|>\nQ: 12+7=\n<|assistant|>\n"
+
+    pytest.importorskip("tokenizers")
+    from hf_folders import qwen2_folder
+
+    from rlx.data.tokenizer import load_tokenizer
+
+    qwen = load_tokenizer(qwen2_folder(tmp_path).path)
+    assert chat_prompt(qwen, "12+7=") == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n12+7=<|im_end|>\n<|im_start|>assistant\n")
+    assert chat_prompt(qwen, turns, system="S").startswith("<|im_start|>system\nS<|im_end|>\n")

@@ -117,7 +117,7 @@ def test_batch_encode_left_and_right_padding(sp):
 
 def test_batch_encode_truncation_and_width_rounding(sp):
     texts = ["What is 123 + 456?", "1"]
-    full = sp.encode(texts[0])
+    full = sp.encode(texts[0], add_bos=True)  # batch_encode's default: bos by the rule
     ids, mask = sp.batch_encode(texts, max_length=4, padding_side="right")
     assert ids.shape == (2, 4) and list(ids[0]) == full[:4]
     ids, _ = sp.batch_encode(texts, max_length=4, truncation_side="left")
@@ -125,8 +125,8 @@ def test_batch_encode_truncation_and_width_rounding(sp):
     ids, mask = sp.batch_encode(texts, pad_to_multiple_of=8)
     assert ids.shape[1] % 8 == 0 and ids.shape[1] >= len(full)
     ids, mask = sp.batch_encode(["1"], max_length=6, pad_to_max_length=True)
-    assert ids.shape == (1, 6) and mask.sum() == len(sp.encode("1"))
-    ids, mask = sp.batch_encode([""])
+    assert ids.shape == (1, 6) and mask.sum() == len(sp.encode("1")) + 1
+    ids, mask = sp.batch_encode([""], add_bos=False)
     assert ids.shape == (1, 1) and not mask.any()
 
 
@@ -197,9 +197,14 @@ def test_hf_tokenizer_encodes_without_implicit_specials(hf_folder):
 def test_hf_tokenizer_batch_encode_and_chat_template(hf_folder):
     folder, vocab = hf_folder
     tok = HFTokenizer(folder / "tokenizer.json")
-    ids, mask = tok.batch_encode(["one", "the sum of 12"], padding_side="left")
+    ids, mask = tok.batch_encode(["one", "the sum of 12"], padding_side="left",
+                                 add_bos=False)
     assert ids.shape == (2, 5) and list(mask[0]) == [False] * 4 + [True]
     assert ids[0, 0] == tok.pad_id and ids[0, -1] == vocab["one"]
+    # The post-processor inserts <s>: the default (add_bos=None) follows it.
+    assert tok.add_bos_token
+    ids, mask = tok.batch_encode(["one", "the sum of 12"], padding_side="left")
+    assert ids.shape == (2, 6) and list(ids[0, -2:]) == [tok.bos_id, vocab["one"]]
     text = tok.apply_chat_template([{"role": "user", "content": "1 + 1 ?"}])
     assert text == "[user] 1 + 1 ?</s>[assistant] "
     plain = HFTokenizer(folder / "tokenizer.json", chat_template=None)
@@ -243,3 +248,180 @@ def test_jinja_templates_get_transformers_helpers():
     assert year.isdigit() and len(year) == 4 and content == '"é"'
     with pytest.raises(ValueError, match="chat template: one message only"):
         tok_lib.render_jinja_chat_template(template, [{"role": "user", "content": "a"}] * 2)
+
+
+# ------------------------------------------------------------------------ bos rule
+
+
+def test_sentencepiece_bos_rule_applies_only_when_asked_for(sp):
+    text = "What is 5 + 6?"
+    plain = sp.encode(text)
+    assert sp.add_bos_token and plain[0] != sp.bos_id
+    assert sp.encode(text, add_bos=None) == [sp.bos_id] + plain
+    assert sp.encode(text, add_bos=True) == [sp.bos_id] + plain
+    ids, mask = sp.batch_encode([text])
+    assert list(ids[0][mask[0]]) == [sp.bos_id] + plain
+    with pytest.raises(ValueError, match="add_bos='yes'"):
+        sp.encode(text, add_bos="yes")
+
+
+def test_bos_rule_never_doubles_a_bos_the_text_already_has(hf_folder):
+    folder, vocab = hf_folder
+    tok = load_tokenizer(folder)
+    assert tok.encode("<s> one", add_bos=None) == [1, vocab["one"]]
+    assert tok.encode("one", add_bos=None) == [1, vocab["one"]]
+    assert tok.encode("<s> one", add_bos=True) == [1, 1, vocab["one"]]  # explicit: as asked
+
+
+@pytest.mark.parametrize("config_flag, post_processor, expected", [
+    (None, True, True), (None, False, False), (False, True, False), (True, False, True)])
+def test_config_add_bos_token_overrides_the_post_processor(hf_folder, config_flag,
+                                                           post_processor, expected):
+    from tokenizers import Tokenizer
+
+    folder, vocab = hf_folder
+    if not post_processor:
+        raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        raw.post_processor = None
+        raw.save(str(folder / "tokenizer.json"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    if config_flag is not None:
+        config["add_bos_token"] = config_flag
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(folder)
+    assert tok.add_bos_token is expected
+    assert tok.encode("one", add_bos=None) == [1] * expected + [vocab["one"]]
+    assert HFTokenizer(folder, add_bos_token=not expected).add_bos_token is not expected
+
+
+def test_tokenizer_without_bos_never_adds_one(hf_folder):
+    folder, vocab = hf_folder
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["bos_token"]
+    config["add_bos_token"] = True  # asks for a token it does not have
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(folder)
+    assert tok.bos_id is None and not tok.add_bos_token
+    assert tok.encode("one", add_bos=None) == [vocab["one"]]
+    ids, _ = tok.batch_encode(["one"])
+    assert list(ids[0]) == [vocab["one"]]
+    with pytest.raises(ValueError, match="no bos token"):
+        tok.batch_encode(["one"], add_bos=True)
+
+
+def test_tokenizer_json_padding_and_truncation_are_switched_off(hf_folder):
+    from tokenizers import Tokenizer
+
+    folder, vocab = hf_folder
+    raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    raw.enable_padding(length=8, pad_id=0, pad_token="<pad>")
+    raw.enable_truncation(max_length=2)
+    raw.save(str(folder / "tokenizer.json"))
+    tok = load_tokenizer(folder)
+    assert tok.encode("one two three") == [vocab["one"], vocab["two"], vocab["three"]]
+
+
+# ------------------------------------------------------------------------ stop ids
+
+
+def test_stop_ids_come_from_generation_config(hf_folder):
+    folder, vocab = hf_folder
+    assert load_tokenizer(folder).stop_ids == (2,)  # no generation_config.json: eos
+    gen = folder / "generation_config.json"
+    gen.write_text(json.dumps({"eos_token_id": [vocab["?"], 2, vocab["?"]]}))
+    assert load_tokenizer(folder).stop_ids == (vocab["?"], 2)
+    gen.write_text(json.dumps({"eos_token_id": vocab["="]}))
+    assert load_tokenizer(folder).stop_ids == (vocab["="],)
+    gen.write_text(json.dumps({"temperature": 0.7}))
+    assert load_tokenizer(folder).stop_ids == (2,)
+
+
+@pytest.mark.parametrize("value, match", [
+    ("</s>", "eos_token_id='</s>': expected an int or a list"),
+    ([2, 1.5], r"eos_token_id=\[2, 1.5\]: expected an int or a list"),
+    ([2, 10_000], r"eos_token_id \[10000\] outside the vocabulary"),
+])
+def test_bad_generation_config_eos_is_named(hf_folder, value, match):
+    folder, _ = hf_folder
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
+    with pytest.raises(ValueError, match=f"generation_config.json: {match}"):
+        load_tokenizer(folder)
+    (folder / "generation_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="generation_config.json: invalid JSON"):
+        load_tokenizer(folder)
+
+
+def test_sentencepiece_stop_ids(sp, tmp_path):
+    assert sp.stop_ids == (sp.eos_id,)
+    (tmp_path / "tokenizer.model").write_bytes(sp.model_proto)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 5]}))
+    assert load_tokenizer(tmp_path).stop_ids == (3, 5)
+    assert SentencePieceTokenizer(sp.model_proto).stop_ids == (3,)
+
+
+# ------------------------------------------------------------------------ chat templates
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "2+2?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
+     {"role": "assistant", "content": "b"}, {"role": "user", "content": "c {{ x }} é"}],
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_default_template_in_jinja_matches_the_python_one(messages, add_generation_prompt):
+    pytest.importorskip("jinja2")
+    assert tok_lib.render_jinja_chat_template(
+        tok_lib.DEFAULT_CHAT_TEMPLATE, messages, add_generation_prompt=add_generation_prompt
+    ) == tok_lib.default_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    with pytest.raises(ValueError, match="role tool is not"):
+        tok_lib.render_jinja_chat_template(tok_lib.DEFAULT_CHAT_TEMPLATE,
+                                           [{"role": "tool", "content": "x"}])
+
+
+def test_sentencepiece_chat_template_takes_the_transformers_call(sp):
+    msgs = CONVERSATIONS[2]
+    text = sp.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == tok_lib.default_chat_template(msgs)
+    assert text.count("<|user|>") == 2 and text.startswith("<|system|>\nS\n")
+    ids = sp.apply_chat_template(msgs, tokenize=True)
+    assert ids == sp.encode(text) and ids[0] != sp.bos_id  # no specials added
+    with pytest.raises(ValueError, match="no tool support"):
+        sp.apply_chat_template(msgs, tools=[{"name": "f"}])
+    with pytest.raises(ValueError, match="list of"):
+        sp.apply_chat_template("hi")
+
+
+def test_jinja_rendering_passes_transformers_variables():
+    pytest.importorskip("jinja2")
+    template = ("{{ tools is none }}|{{ documents is none }}|{{ bos_token is defined }}|"
+                "{{ eos_token }}|{{ messages[0] | length }}|{{ flag }}|"
+                "{% generation %}{{ messages[0]['content'] }}{% endgeneration %}")
+    text = tok_lib.render_jinja_chat_template(
+        template, [{"role": "user", "content": "hi", "tool_calls": None}],
+        eos_token="</s>", flag=np.int32(3))
+    assert text == "True|True|False|</s>|2|3|hi"
+    with pytest.raises(ValueError, match=r"messages\[0\]\['content'\] is a object"):
+        tok_lib.render_jinja_chat_template(template, [{"role": "user", "content": object()}])
+    with pytest.raises(ValueError, match="does not parse"):
+        tok_lib.render_jinja_chat_template("{% if %}", [])
+
+
+def test_hf_template_sources_and_named_templates(hf_folder):
+    folder, _ = hf_folder
+    msgs = [{"role": "user", "content": "one"}]
+    (folder / "chat_template.jinja").write_text("file:{{ messages[0]['content'] }}")
+    assert load_tokenizer(folder).apply_chat_template(msgs) == "file:one"
+    (folder / "chat_template.jinja").unlink()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = [
+        {"name": "default", "template": "plain:{{ bos_token }}{{ messages[0]['content'] }}"},
+        {"name": "tool_use", "template": "tools:{{ tools | tojson }}"}]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(folder)
+    assert tok.apply_chat_template(msgs) == "plain:<s>one"
+    assert tok.apply_chat_template(msgs, tools=[{"name": "ä"}]) == 'tools:[{"name": "ä"}]'
+    assert tok.apply_chat_template(msgs, tokenize=True) == tok.encode("plain:<s>one")

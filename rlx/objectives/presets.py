@@ -14,16 +14,19 @@ import functools
 import math
 
 import gin
+import jax
 import jax.numpy as jnp
 
 from rlx.objectives import advantages as adv_lib
 from rlx.objectives.aggregation import (
     seq_mean_token_mean, seq_mean_token_sum, seq_mean_token_sum_norm, token_mean,
 )
-from rlx.objectives.compose import check_rewards, compose, group_advantages
+from rlx.objectives.compose import AdvantageStage, check_rewards, compose, group_advantages
 from rlx.objectives.groups import whiten
+from rlx.objectives.masks import d3s_schedule, max_variance_subset_mask, top_score_token_mask
 from rlx.objectives.regularizers import entropy_bonus, kl_penalty, ratio_variance_penalty
 from rlx.objectives.shaping import overlong_penalty
+from rlx.objectives import selection as sel
 from rlx.objectives import surrogates as S
 from rlx.objectives.types import AdvantageOutput, Objective, RewardBatch
 from rlx.objectives.value import value_loss
@@ -76,19 +79,22 @@ def dr_grpo(*, eps: float = 0.2, max_length: int = 3000, kl_coef: float = 0.0) -
 def dapo(*, eps_low: float = 0.2, eps_high: float = 0.28, dual_clip: float | None = 10.0,
          filter_zero_variance: bool = True, overlong: bool = True, max_length: int = 20480,
          overlong_buffer: int = 4096, overlong_factor: float = 1.0,
-         std_eps: float = 1e-6) -> Objective:
+         overlong_filter: bool = False, std_eps: float = 1e-6) -> Objective:
     """DAPO (arXiv 2503.14476): clip-higher 0.2/0.28 (+ verl's dual-clip c = 10),
     token-mean, zero-variance group filter, soft overlong penalty, no KL.
 
-    The zero-variance filter masks groups out of the loss (the engine should also
-    oversample, as DAPO's dynamic sampling does); it is judged on the unshaped rewards.
+    The zero-variance filter masks groups out of the loss (``RLConfig.dynamic_sampling``
+    also oversamples, as DAPO's dynamic sampling does); it is judged on the unshaped
+    rewards. ``overlong_filter`` adds the paper's alternative, overlong *filtering*:
+    truncated completions leave the loss (``selection.drop_truncated``).
     """
     shaping = (functools.partial(overlong_penalty, max_length=max_length,
                                  buffer=overlong_buffer, factor=overlong_factor)
                if overlong else None)
     return compose(
         advantages=_grpo_adv(std_eps, filter_zero_variance=filter_zero_variance,
-                             reward_shaping=shaping),
+                             reward_shaping=shaping,
+                             selection=(sel.drop_truncated(),) if overlong_filter else ()),
         surrogate=functools.partial(S.ppo_clip_loss, eps_low=eps_low, eps_high=eps_high,
                                     dual_clip=dual_clip),
         aggregation=token_mean,
@@ -160,6 +166,7 @@ def reinforce_pp(*, baseline: bool = True, eps: float = 0.2, kl_coef: float = 1e
         surrogate=functools.partial(S.ppo_clip_loss, eps_low=eps),
         aggregation=token_mean,
         regularizers=_regs(kl_coef, "k2"),
+        needs=("ref_logp",) if kl_reward_coef else (),
         metric_eps=(eps, eps),
     )
 
@@ -193,23 +200,31 @@ def ppo(*, eps: float = 0.2, gamma: float = 1.0, lam: float = 0.95, vf_coef: flo
         surrogate=functools.partial(S.ppo_clip_loss, eps_low=eps),
         aggregation=token_mean,
         regularizers=regs,
+        needs=("values",) + (("ref_logp",) if kl_reward_coef else ()),
         metric_eps=(eps, eps),
     )
 
 
 @_configurable
 def bnpo(*, eps_low: float = 0.2, eps_high: float = 0.28, dual_clip: float | None = 10.0,
-         r_min: float = 0.0, r_max: float = 1.0) -> Objective:
-    """BNPO (arXiv 2506.02864): Beta-normalised advantage with (α, β) refit from each
-    batch (no EMA, as the official code), clip 0.2/0.28, c = 10, seq-mean-token-sum."""
+         r_min: float = 0.0, r_max: float = 1.0, momentum: float = 0.0) -> Objective:
+    """BNPO (arXiv 2506.02864): Beta-normalised advantage, clip 0.2/0.28, c = 10,
+    seq-mean-token-sum. The Beta fit (α, β) is a state of the objective
+    (``state["advantages"]``, ``advantages.bnpo_update``): refit from each batch with
+    ``momentum = 0`` (the official code), an EMA of the reward moments otherwise."""
 
-    def estimator(rewards):
-        st = adv_lib.bnpo_update(adv_lib.bnpo_init(), rewards, r_min=r_min, r_max=r_max)
-        return adv_lib.bnpo_advantages(rewards, alpha=st.alpha, beta=st.beta,
-                                       r_min=r_min, r_max=r_max)
+    def stage(rb: RewardBatch) -> AdvantageOutput:
+        check_rewards(rb)
+        st = rb.state if rb.state is not None else adv_lib.bnpo_init(momentum=momentum)
+        st = adv_lib.bnpo_update(st, rb.rewards, r_min=r_min, r_max=r_max)
+        out = group_advantages(functools.partial(
+            adv_lib.bnpo_advantages, alpha=st.alpha, beta=st.beta, r_min=r_min,
+            r_max=r_max))(rb)
+        return out.replace(state=st, metrics={**out.metrics, "bnpo/alpha": st.alpha,
+                                              "bnpo/beta": st.beta})
 
     return compose(
-        advantages=group_advantages(estimator),
+        advantages=AdvantageStage(stage, lambda: adv_lib.bnpo_init(momentum=momentum)),
         surrogate=functools.partial(S.ppo_clip_loss, eps_low=eps_low, eps_high=eps_high,
                                     dual_clip=dual_clip),
         aggregation=seq_mean_token_sum,
@@ -221,11 +236,14 @@ def bnpo(*, eps_low: float = 0.2, eps_high: float = 0.28, dual_clip: float | Non
 def gdpo(*, weights: tuple[float, ...] | None = None, eps: float = 0.2,
          std_eps: float = 1e-4, kl_coef: float = 0.0) -> Objective:
     """GDPO (arXiv 2601.05242): per-component group normalisation, weighted sum, batch
-    renormalisation; rewards [P,G,K]. PPO clip, seq-mean-token-mean (TRL GRPO default)."""
+    renormalisation on the per-component rewards ``RewardBatch.components`` [P,G,K]
+    (the reward spec's components; ``weights`` here weight the normalised components,
+    default 1). PPO clip, seq-mean-token-mean (TRL GRPO default)."""
     w = None if weights is None else jnp.asarray(weights, jnp.float32)
     return compose(
         advantages=group_advantages(
-            functools.partial(adv_lib.gdpo_advantages, weights=w, eps=std_eps)),
+            functools.partial(adv_lib.gdpo_advantages, weights=w, eps=std_eps),
+            components=True),
         surrogate=functools.partial(S.ppo_clip_loss, eps_low=eps),
         aggregation=seq_mean_token_mean,
         regularizers=_regs(kl_coef),
@@ -286,5 +304,83 @@ def gmpo(*, eps_low: float = 0.4, eps_high: float = 0.4) -> Objective:
     )
 
 
+@_configurable
+def d3s(*, total_iterations: int = 40, sample_frac_init: float = 0.5,
+        sample_frac_final: float = 1.0, token_frac_init: float = 0.2,
+        token_frac_final: float = 1.0, per_group: bool = False, eps_low: float = 0.2,
+        eps_high: float = 0.28) -> Objective:
+    """D³S (arXiv 2509.22115): GRPO advantages from the full groups, then the
+    max-variance subset of N_s(p) rollouts (cross-group over all P·G rows by default,
+    ``masks.max_variance_subset_mask``) and, among their tokens, the top K(p) by |A|·H
+    (``masks.top_score_token_mask``); [N_s, K](p) = (1−p)·init + p·final with
+    p = iteration / ``total_iterations`` (``masks.d3s_schedule``). The sample budget is
+    given as a fraction of the P·G rows (N = round(frac·P·G)) and K as a token fraction;
+    the paper publishes no defaults: 0.5 → 1.0 rollouts, 0.2 → 1.0 tokens is rlx's
+    choice (aggressive early, relaxing late, as the paper describes). The iteration
+    count is the objective's state (``state["advantages"]["iteration"]``). Clip
+    0.2/0.28, token-mean, no KL."""
+    for name, v in (("sample_frac_init", sample_frac_init),
+                    ("sample_frac_final", sample_frac_final),
+                    ("token_frac_init", token_frac_init), ("token_frac_final", token_frac_final)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"d3s.{name} must be in [0, 1], got {v}")
+    if total_iterations < 1:
+        raise ValueError(f"d3s.total_iterations must be >= 1, got {total_iterations}")
+    base = _grpo_adv()
+
+    def progress(it):
+        return jnp.minimum(it.astype(jnp.float32) / total_iterations, 1.0)
+
+    def stage(rb: RewardBatch) -> AdvantageOutput:
+        p, g = check_rewards(rb)
+        it = (rb.state["iteration"] if rb.state is not None
+              else jnp.zeros((), jnp.int32))
+        budget = d3s_schedule(progress(it), n_init=round(sample_frac_init * p * g),
+                              n_final=round(sample_frac_final * p * g),
+                              k_init=token_frac_init, k_final=token_frac_final)
+        out = base(rb)
+        m = out.mask
+        adv = (out.advantages * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)   # row's A
+        k = jnp.minimum(budget.num_samples, p * g) if not per_group else \
+            jnp.maximum(budget.num_samples // p, 1)
+        keep = max_variance_subset_mask(adv.reshape(p, g), k=k, per_group=per_group)
+        mask = out.mask * keep.reshape(p * g, 1).astype(out.mask.dtype)
+        return out.replace(mask=mask, advantages=out.advantages * mask,
+                           state={"iteration": it + 1},
+                           metrics={**out.metrics, "d3s/kept_rows": keep.mean(),
+                                    "d3s/token_keep_ratio": budget.keep_ratio})
+
+    def tokens(outputs, batch, state):
+        it = state["advantages"]["iteration"] - 1 if state else jnp.zeros((), jnp.int32)
+        ratio = d3s_schedule(progress(jnp.maximum(it, 0)), n_init=0, n_final=0,
+                             k_init=token_frac_init, k_final=token_frac_final).keep_ratio
+        return top_score_token_mask(jax.lax.stop_gradient(batch.advantages),
+                                    jax.lax.stop_gradient(outputs.entropy), batch.mask,
+                                    keep_ratio=ratio)
+
+    return compose(
+        advantages=AdvantageStage(stage, lambda: {"iteration": jnp.zeros((), jnp.int32)}),
+        surrogate=functools.partial(S.ppo_clip_loss, eps_low=eps_low, eps_high=eps_high),
+        aggregation=token_mean,
+        token_selection=(tokens,),
+        metric_eps=(eps_low, eps_high),
+    )
+
+
+@_configurable
+def forking_tokens(*, top_quantile: float = 0.2, eps_low: float = 0.2,
+                   eps_high: float = 0.28) -> Objective:
+    """"Beyond the 80/20 rule" (arXiv 2506.01939): DAPO-style clip-higher policy
+    gradient on only the batch's top-20% highest-entropy tokens
+    (``selection.high_entropy_tokens``), GRPO advantages, token-mean, no KL."""
+    return compose(
+        advantages=_grpo_adv(),
+        surrogate=functools.partial(S.ppo_clip_loss, eps_low=eps_low, eps_high=eps_high),
+        aggregation=token_mean,
+        token_selection=(sel.high_entropy_tokens(top_quantile=top_quantile),),
+        metric_eps=(eps_low, eps_high),
+    )
+
+
 PRESETS = {f.__name__: f for f in (grpo, dr_grpo, dapo, gspo, cispo, rloo, reinforce_pp, ppo,
-                                    bnpo, gdpo, bapo, r2vpo, sapo, gmpo)}
+                                    bnpo, gdpo, bapo, r2vpo, sapo, gmpo, d3s, forking_tokens)}

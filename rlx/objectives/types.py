@@ -82,17 +82,27 @@ class PolicyBatch:
 
 @struct.dataclass
 class RewardBatch:
-    """Input of an advantage estimator.
+    """Input of an advantage estimator: everything the rollout phase knows.
 
-    rewards: [P,G] scalar outcome rewards, or [P,G,K] reward components (GDPO).
-    mask: [B,T] completion mask, B = P * G, row ``p * G + g``.
+    rewards: [P,G] scalar outcome rewards (the weighted total of the components), or
+        [P,G,K] reward components (then ``components`` may be None).
+    mask: [B,T] loss mask (completion tokens that were sampled, not forced), B = P * G,
+        row ``p * G + g``.
     lengths: [B] completion lengths in tokens, or None (then ``mask.sum(-1)``).
     values: [B,T] critic values at rollout time (GAE), or None.
-    kl: [B,T] per-token KL estimate of the rollout for the reward path, or None, e.g.
-        ``kl.kl_reward_penalty(old_logp, ref_logp, mask, coef=1.0)``. Estimators multiply
-        it by their own coefficient (``kl_reward_coef`` in the presets); for an adaptive
-        coefficient (``kl.adaptive_kl_init/update`` tracked by the engine) pass
-        ``coef=β`` here and set the estimator's coefficient to 1.
+    kl: [B,T] per-token KL estimate of the rollout for the reward path, or None. The
+        engine fills it with ``kl.kl_reward_penalty(old_logp, ref_logp, mask, coef=1.0)``
+        (k1) whenever a reference policy exists. Estimators multiply it by their own
+        coefficient (``kl_reward_coef`` in the presets); for an adaptive coefficient
+        (``kl.adaptive_kl_init/update`` tracked by the engine) pass ``coef=β`` here and
+        set the estimator's coefficient to 1.
+    components: [P,G,K] per-component rewards (GDPO, ``rlx.rewards.spec``), or None.
+    tokens: [B,T] completion token ids (repetition shaping), or None.
+    finished: [B] bool, the row ended with a sampled stop token, or None.
+    truncated: [B] bool, the row hit the length limit without a stop token, or None.
+    forced: [B,T] bool, forced-prefix tokens (fed, not sampled), or None.
+    state: the advantage stage's own state (``compose`` passes ``state["advantages"]``
+        of the objective state), or None.
     """
 
     rewards: Array
@@ -100,6 +110,12 @@ class RewardBatch:
     lengths: Array | None = None
     values: Array | None = None
     kl: Array | None = None
+    components: Array | None = None
+    tokens: Array | None = None
+    finished: Array | None = None
+    truncated: Array | None = None
+    forced: Array | None = None
+    state: PyTree = None
 
 
 @struct.dataclass
@@ -111,12 +127,16 @@ class AdvantageOutput:
         the engine must put this mask, not the rollout mask, into ``PolicyBatch``.
     returns: [B,T] value targets (GAE), or None.
     metrics: dict of scalars.
+    state: the advantage stage's new state (stateful shaping, BNPO's running Beta
+        fit), or None when the stage is stateless; ``compose`` stores it back into
+        ``state["advantages"]`` of the objective state.
     """
 
     advantages: Array
     mask: Array
     returns: Array | None = None
     metrics: dict = struct.field(default_factory=dict)
+    state: PyTree = None
 
 
 @struct.dataclass
@@ -159,10 +179,22 @@ class Regularizer(NamedTuple):
     update: Callable[[PyTree, dict], PyTree]
 
 
+NEEDS = ("ref_logp", "sampler_logp", "values", "entropy")
+
+
 class Objective(NamedTuple):
-    """A complete RL objective; see the module docstring for the protocol."""
+    """A complete RL objective; see the module docstring for the protocol.
+
+    needs: which optional inputs the objective reads, a subset of ``NEEDS``:
+      "ref_logp" (a frozen reference policy: KL loss or KL in the reward),
+      "sampler_logp" (the inference engine's log-probs: IS correction),
+      "values" (critic values at rollout time: GAE), "entropy" (token entropy of the
+      current policy). The engine builds what is needed and fails before compiling
+      when it cannot (e.g. "values" without a critic).
+    """
 
     init: Callable[[], PyTree]
     loss: Callable[..., LossOutput]
     update: Callable[[PyTree, dict], PyTree]
     advantages: Callable[[RewardBatch], AdvantageOutput]
+    needs: frozenset = frozenset()

@@ -1,7 +1,10 @@
-"""The RL loop: prompts → group rollouts → rewards → advantages → minibatch updates.
+"""The RL loop: prompts → group rollouts → rewards → one compiled update.
 
-``RLTrainer.iteration`` is the whole algorithm and reads top to bottom; the heavy
-parts (sampling, log-prob passes, the update step) are jit-compiled pure functions.
+``RLTrainer.iteration`` is the whole algorithm and reads top to bottom: sample G
+completions for P prompts (with DAPO dynamic sampling when asked), decode and score
+them on the host, then hand everything any objective may read (``update.IterationBatch``)
+to one jitted program that runs the log-prob forwards, the advantage estimator and
+every epoch × minibatch × microbatch optimizer step (``rlx.train.update``).
 
 Data: problems come from a grain pipeline (``rlx.train.data``) whose iterator state
 is checkpointed with the training state, so a killed run restarted with the same
@@ -9,6 +12,14 @@ command resumes bitwise-identically (CPU). All processes of a multi-host run ite
 the same global batch (the sampler and the step shard rows over the mesh); rewards
 are scored on every host from identical inputs, so every host holds identical
 host-side values.
+
+One seed: the sampling key of iteration i is ``fold_in(TrainState.key, i)``; the
+state's key comes from the run seed (``state.create(seed=...)``) and is checkpointed.
+
+Forced completion prefixes (POPE / PrefixRL-style guidance): a problem whose
+``meta["completion_prefix"]`` is a non-empty string has it tokenized and fed as the
+first completion tokens of each of its G rows (``Rollout.forced``); those tokens are
+masked out of the loss.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ import numpy as np
 
 from rlx import sharding as sh
 from rlx.models import api
-from rlx.objectives.types import Objective, PolicyBatch, RewardBatch
+from rlx.objectives.types import Objective
 from rlx.rewards.pool import RewardPool
 from rlx.sampling.config import SamplerConfig
 from rlx.sampling.generate import generate
@@ -34,12 +45,21 @@ from rlx.train import checkpoint as ckpt_lib
 from rlx.train import flops as flops_lib
 from rlx.train import state as state_lib
 from rlx.train import packing
-from rlx.train import steps as steps_lib
-from rlx.train.batches import PackedRolloutBatch, RolloutBatch, Sequences
+from rlx.train import update as update_lib
+from rlx.train.batches import Sequences
 from rlx.train.data import ProblemStream
 from rlx.train.logger import RunLogger
 
 log = logging.getLogger("rlx.rl")
+
+PREFIX_FIELD = "completion_prefix"
+
+
+def _check_int(name, value, minimum, *, none_ok=False):
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"RLConfig.{name}={value!r}: must be an integer >= {minimum}")
 
 
 @gin.configurable(module="rlx.train")
@@ -51,18 +71,24 @@ class RLConfig:
       steps: RL iterations (rollout batch + updates).
       prompts_per_step: P prompts per iteration (× G rollouts from SamplerConfig).
       epochs: passes over each rollout batch (PPO epochs; 1 = on-policy).
-      minibatches: optimizer steps per epoch (the rollout batch is split in order).
+      minibatches: optimizer steps per epoch (minibatch m holds prompts m, m+M, …).
       microbatches: gradient-accumulation chunks per optimizer step.
       dynamic_sampling: drop groups whose rewards have zero variance (DAPO) and draw
         more prompts until P groups are kept, at most ``max_sampling_rounds`` rounds
         (then the batch is filled with the best available groups, zero-variance ones
-        included, so the shape stays static).
+        included, so the shape stays static). Rounds may fall in different prompt
+        buckets; kept groups are left-padded to the longest.
       eval_every: evaluate held-out accuracy every N iterations (0 = only at the ends).
       log_samples_every: print a sample table every N iterations (0 = never).
       shared_prefix_update: run the log-prob passes and updates in the Prefix Grouper
         layout (one packed row per prompt; ``rlx.train.packing``) instead of G rows.
+      logprob_temperature: temperature of the trainer's log-probs; None = the sampling
+        temperature (so the trainer scores the distribution the sampler drew from; τ = 0
+        greedy sampling is scored at 1).
+      recompute_old_logp: run the separate old-policy forward even when the iteration
+        makes one optimizer step on its own samples (it is skipped by default then,
+        ``rlx.train.update``).
       checkpoint_every / checkpoint_minutes / keep_checkpoints: see ``Checkpointer``.
-      seed: run seed (data order, sampling keys, init).
     """
 
     steps: int = 40
@@ -75,10 +101,29 @@ class RLConfig:
     eval_every: int = 10
     log_samples_every: int = 10
     shared_prefix_update: bool = False
+    logprob_temperature: float | None = None
+    recompute_old_logp: bool = False
     checkpoint_every: int | None = 10
     checkpoint_minutes: float | None = None
     keep_checkpoints: int = 3
-    seed: int = 0
+
+    def __post_init__(self):
+        _check_int("steps", self.steps, 0)
+        for name in ("prompts_per_step", "epochs", "minibatches", "microbatches",
+                     "max_sampling_rounds", "keep_checkpoints"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("eval_every", "log_samples_every"):
+            _check_int(name, getattr(self, name), 0)
+        _check_int("checkpoint_every", self.checkpoint_every, 1, none_ok=True)
+        if self.prompts_per_step % self.minibatches:
+            raise ValueError(f"RLConfig.prompts_per_step={self.prompts_per_step} is not "
+                             f"divisible by minibatches={self.minibatches}")
+        if self.logprob_temperature is not None and not self.logprob_temperature > 0:
+            raise ValueError(f"RLConfig.logprob_temperature={self.logprob_temperature!r}: "
+                             "must be > 0 (or None for the sampling temperature)")
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
+            raise ValueError(f"RLConfig.checkpoint_minutes={self.checkpoint_minutes!r}: "
+                             "must be > 0 or None")
 
 
 @dataclasses.dataclass
@@ -94,56 +139,101 @@ class Critic:
 
 @dataclasses.dataclass
 class Collected:
-    """One iteration's kept groups (host numpy + device rollout arrays)."""
+    """One iteration's kept groups: the rollout (device arrays, or host arrays when
+    groups were gathered from several sampling rounds) and host-side scores."""
 
     rollout: Any
-    rewards: np.ndarray            # [P, G]
+    rewards: np.ndarray            # [P, G] weighted totals
+    components: np.ndarray         # [P, G, K]
     texts: list[str]
     problems: list[Any]
     reward_metrics: dict
 
 
 class RLTrainer:
-    """Owns the jitted functions and the loop state of one RL run."""
+    """Owns the jitted functions and the loop state of one RL run.
+
+    ``ref_params``: the frozen reference policy for KL terms; when the objective needs
+    one (``"ref_logp" in objective.needs``) and none is given, a copy of the starting
+    parameters is taken. An objective that needs critic values needs ``critic``.
+    """
 
     def __init__(self, *, graphdef, state: state_lib.TrainState, tx, objective: Objective,
                  tokenizer, stream: ProblemStream, reward_pool: RewardPool,
                  sampler: SamplerConfig, config: RLConfig, run_dir: str, mesh=None,
                  ref_params=None, evaluator: Callable | None = None,
                  logger: RunLogger | None = None, critic: "Critic | None" = None):
+        needs = getattr(objective, "needs", frozenset())
+        if "values" in needs and critic is None:
+            raise ValueError("the objective reads critic values (GAE) but RLTrainer got no "
+                             "critic; pass critic=rl.Critic(...) (objective 'ppo' in "
+                             "rlx train builds one)")
         self.graphdef, self.tx, self.objective = graphdef, tx, objective
         self.model_config = api.merge(graphdef, state.params).cfg   # static shape facts
         self.tokenizer, self.stream, self.pool = tokenizer, stream, reward_pool
         self.sampler, self.config, self.run_dir = sampler, config, run_dir
         self.mesh = mesh or sh.make_mesh()
         self.state_shardings = sh.state_shardings(state, self.mesh)
+        if ref_params is None and "ref_logp" in needs:
+            ref_params = jax.tree.map(jnp.copy, state.params)
+        self.ref_shardings = (sh.param_shardings(ref_params, self.mesh)
+                              if ref_params is not None else None)
+        self.ref_params = (sh.place(ref_params, self.ref_shardings)
+                           if ref_params is not None else None)
         self.state = sh.place(state, self.state_shardings)
-        self.ref_params = ref_params
         self.critic = critic
+        self.critic_shardings = None
         if critic is not None:
             self.critic_shardings = sh.state_shardings(critic.state, self.mesh)
             critic.state = sh.place(critic.state, self.critic_shardings)
-            self._values = jax.jit(
-                lambda params, seq, t: steps_lib.completion_values(critic.graphdef, params, seq, t),
-                static_argnums=(2,))
-            self._packed_values = jax.jit(
-                lambda params, packed: packing.packed_completion_values(critic.graphdef, params,
-                                                                        packed))
-            self._value_step = None
         self.evaluator = evaluator
         self.logger = logger or RunLogger(run_dir, total_steps=config.steps)
         self.checkpointer = ckpt_lib.Checkpointer(
             os.path.join(run_dir, "checkpoints"), every_steps=config.checkpoint_every,
             every_minutes=config.checkpoint_minutes, keep=config.keep_checkpoints)
         self.iteration_index = 0
-        self._policy_step = None
-        self._logprobs = jax.jit(self._completion_logprobs, static_argnums=(2,))
-        self._packed_logprobs = jax.jit(
-            lambda params, packed: packing.packed_completion_outputs(graphdef, params, packed).logp)
+        tau = config.logprob_temperature
+        if tau is None:
+            tau = sampler.temperature if sampler.temperature > 0 else 1.0
+        self.logprob_temperature = float(tau)
+        self._update_fn = update_lib.make_update(
+            graphdef, tx, objective, num_generations=sampler.num_generations,
+            epochs=config.epochs, minibatches=config.minibatches,
+            microbatches=config.microbatches, temperature=self.logprob_temperature,
+            reuse_logp=False if config.recompute_old_logp else None,
+            critic=(update_lib.CriticSpec(critic.graphdef, critic.tx, critic.clip_eps)
+                    if critic is not None else None),
+            mesh=self.mesh)
+        self._compiled: dict = {}        # one compiled update per batch shape
+        self.compilations = 0
 
     # ------------------------------------------------------------------ pieces
-    def _completion_logprobs(self, params, seq: Sequences, t: int):
-        return steps_lib.completion_outputs(self.graphdef, params, seq, t).logp
+    def sampling_key(self) -> jax.Array:
+        """The key of this iteration's rollouts: fold_in(TrainState.key, iteration)."""
+        base = jax.random.wrap_key_data(jnp.asarray(sh.host_value(self.state.key)))
+        return jax.random.fold_in(base, self.iteration_index)
+
+    def _forced_prefixes(self, problems):
+        """[P·G, F] forced ids and [P·G] counts from ``meta["completion_prefix"]``."""
+        texts = [(q.meta or {}).get(PREFIX_FIELD) or "" for q in problems]
+        if not any(texts):
+            return None, None
+        for q, text in zip(problems, texts):
+            if not isinstance(text, str):
+                raise ValueError(f"problem {q.prompt[:40]!r}: meta[{PREFIX_FIELD!r}] must be "
+                                 f"a string, got {type(text).__name__}")
+        ids = [self.tokenizer.encode(t) if t else [] for t in texts]
+        width = max(1, max(len(i) for i in ids))
+        if width > self.sampler.max_new_tokens:
+            raise ValueError(f"a {PREFIX_FIELD} has {width} tokens, more than "
+                             f"max_new_tokens={self.sampler.max_new_tokens}")
+        g = self.sampler.num_generations
+        forced = np.full((len(ids) * g, width), self.sampler.pad_id, np.int32)
+        lengths = np.zeros((len(ids) * g,), np.int32)
+        for p, row in enumerate(ids):
+            forced[p * g:(p + 1) * g, :len(row)] = row
+            lengths[p * g:(p + 1) * g] = len(row)
+        return forced, lengths
 
     def collect(self, key) -> Collected:
         """Samples G completions for P prompts and scores them (with dynamic sampling)."""
@@ -154,17 +244,23 @@ class RLTrainer:
         for round_ in range(self.config.max_sampling_rounds if self.config.dynamic_sampling else 1):
             problems = self.stream.next_batch(p)
             ids, mask = self.tokenizer.batch_encode([q.prompt for q in problems],
-                                                    padding_side="left", add_bos=True)
+                                                    padding_side="left", add_bos=None)
+            forced, forced_lengths = self._forced_prefixes(problems)
             t0 = time.perf_counter()
             rollout = generate(self.graphdef, self.state.params, ids, mask,
                                key=jax.random.fold_in(key, round_), config=self.sampler,
+                               forced_prefix=forced, forced_lengths=forced_lengths,
                                mesh=self.mesh, data_axis=sh.BATCH_AXES)
-            texts = self._decode(rollout)
+            jax.block_until_ready(rollout)
             t1 = time.perf_counter()
+            texts = self._decode(rollout)
+            t2 = time.perf_counter()
             scored = self.pool.score(texts, [q for q in problems for _ in range(g)])
-            metrics["time/generate"] = metrics.get("time/generate", 0.0) + t1 - t0
-            metrics["time/reward"] = metrics.get("time/reward", 0.0) + time.perf_counter() - t1
-            rewards = scored.scores.reshape(p, g)
+            for name, dt in (("generate", t1 - t0), ("decode", t2 - t1),
+                             ("reward", time.perf_counter() - t2)):
+                metrics[f"time/{name}"] = metrics.get(f"time/{name}", 0.0) + dt
+            rewards = np.asarray(scored.scores, np.float32).reshape(p, g)
+            components = np.asarray(scored.components, np.float32).reshape(p, g, -1)
             for k, v in scored.metrics().items():
                 if k.endswith(("failures", "timeouts", "seconds")):
                     metrics[k] = metrics.get(k, 0.0) + v      # counts add up over rounds
@@ -172,7 +268,8 @@ class RLTrainer:
                     metrics[k] = v                            # means: the last round's
             metrics["dynamic_sampling/rounds"] = float(round_ + 1)
             for i in range(p):
-                group = (rollout, i, rewards[i], texts[i * g:(i + 1) * g], problems[i])
+                group = (rollout, i, rewards[i], components[i], texts[i * g:(i + 1) * g],
+                         problems[i])
                 (kept if not self.config.dynamic_sampling or np.ptp(rewards[i]) > 0
                  else spare).append(group)
             if len(kept) >= p:
@@ -190,112 +287,103 @@ class RLTrainer:
         if all(grp[0] is groups[0][0] for grp in groups) and \
                 [grp[1] for grp in groups] == list(range(len(groups))):
             rollout = groups[0][0]
-        else:   # gather the kept groups' rows (rollouts of one run share bucket shapes)
-            parts = []
+        else:   # gather the kept groups' rows from their rounds (host arrays)
             hosted = {}
-            for r, i, *_ in groups:
+            for r, *_ in groups:
                 if id(r) not in hosted:
                     hosted[id(r)] = sh.host_value(r)
-                r = hosted[id(r)]
+            width = max(hosted[id(r)].prompt_ids.shape[1] for r, *_ in groups)
+            parts = []
+            for r, i, *_ in groups:
+                h = hosted[id(r)]
                 rows = np.arange(i * g, (i + 1) * g)
-                parts.append(jax.tree.map(lambda x: np.asarray(x)[rows] if np.ndim(x) else x, r))
-            rollout = jax.tree.map(lambda *xs: np.concatenate(xs) if np.ndim(xs[0]) else xs[0],
-                                   *parts)
+                part = jax.tree.map(lambda x: np.asarray(x)[rows] if np.ndim(x) else x, h)
+                pad = width - part.prompt_ids.shape[1]
+                if pad:   # rounds in different prompt buckets: left-pad to the longest
+                    part = part.replace(
+                        prompt_ids=np.pad(part.prompt_ids, ((0, 0), (pad, 0)),
+                                          constant_values=self.sampler.pad_id),
+                        prompt_mask=np.pad(part.prompt_mask, ((0, 0), (pad, 0))))
+                parts.append(part)
+            rollout = jax.tree.map(
+                lambda *xs: np.concatenate(xs) if np.ndim(xs[0]) else np.max(np.stack(xs)),
+                *parts)
+            rollout = rollout.replace(group_id=np.repeat(np.arange(len(groups)), g)
+                                      .astype(np.int32))
         return Collected(rollout=rollout, rewards=np.stack([grp[2] for grp in groups]),
-                         texts=[t for grp in groups for t in grp[3]],
-                         problems=[grp[4] for grp in groups], reward_metrics=metrics)
+                         components=np.stack([grp[3] for grp in groups]),
+                         texts=[t for grp in groups for t in grp[4]],
+                         problems=[grp[5] for grp in groups], reward_metrics=metrics)
 
     def sequences(self, rollout) -> Sequences:
         tokens, mask, positions = rollout.sequences()
         return Sequences(tokens=jnp.asarray(tokens), attention_mask=jnp.asarray(mask),
                          positions=jnp.asarray(positions))
 
-    def policy_step(self, batch: RolloutBatch):
-        if self._policy_step is None:
-            fn = steps_lib.make_policy_step(self.graphdef, self.tx, self.objective,
-                                            num_microbatches=self.config.microbatches)
-            self._policy_step = steps_lib.jit_step(fn, self.mesh, self.state_shardings, batch)
-        self.state, metrics = self._policy_step(self.state, batch)
-        return metrics
+    def iteration_batch(self, got: Collected) -> update_lib.IterationBatch:
+        """Everything any objective may read, sharded over the batch axes."""
+        r = got.rollout
+        if self.config.shared_prefix_update:        # one packed row per prompt
+            seq = packing.pack_rollout(r, self.sampler.num_generations,
+                                       pad_id=self.sampler.pad_id)
+        else:
+            seq = self.sequences(r)
+        b = got.rewards.size
+        batch = update_lib.IterationBatch(
+            seq=seq, rewards=got.rewards.reshape(b).astype(np.float32),
+            components=got.components.reshape(b, -1).astype(np.float32),
+            mask=jnp.asarray(r.completion_mask) & ~jnp.asarray(r.forced),
+            tokens=r.completion_ids, lengths=r.lengths, finished=r.finished,
+            truncated=r.truncated, forced=r.forced, sampler_logp=r.sampling_logprobs,
+            group_ids=r.group_id)
+        return sh.shard_batch(batch, self.mesh)
 
-    def value_step(self, batch: RolloutBatch):
-        c = self.critic
-        if self._value_step is None:
-            fn = steps_lib.make_value_step(c.graphdef, c.tx, clip_eps=c.clip_eps,
-                                           num_microbatches=self.config.microbatches)
-            self._value_step = steps_lib.jit_step(fn, self.mesh, self.critic_shardings, batch)
-        c.state, metrics = self._value_step(c.state, batch)
+    def update_step(self, batch: update_lib.IterationBatch) -> dict:
+        """The compiled update of this iteration (one program per batch shape)."""
+        shape = (batch.mask.shape, tuple(x.shape for x in jax.tree.leaves(batch.seq)))
+        fn = self._compiled.get(shape)
+        if fn is None:
+            fn = update_lib.jit_update(self._update_fn, self.mesh, self.state_shardings,
+                                       self.critic_shardings, self.ref_shardings, batch)
+            self._compiled[shape] = fn
+            self.compilations += 1
+        critic_state = self.critic.state if self.critic is not None else None
+        self.state, critic_state, metrics = fn(self.state, critic_state, self.ref_params, batch)
+        if self.critic is not None:
+            self.critic.state = critic_state
         return metrics
-
-    def minibatches(self, seq, pb: PolicyBatch):
-        """Splits the batch into ``minibatches`` contiguous chunks of whole groups."""
-        n = self.config.minibatches
-        full = (PackedRolloutBatch.create(seq, pb) if isinstance(seq, packing.PackedSequences)
-                else RolloutBatch(seq=seq, policy=pb))
-        leading = jax.tree.leaves(full)[0].shape[0]     # rows, or prompts when packed
-        if leading % n:
-            raise ValueError(f"rollout batch of {leading} not divisible by minibatches={n}")
-        size = leading // n
-        for i in range(n):
-            take = lambda x: x[i * size:(i + 1) * size] if np.ndim(x) else x  # noqa: E731
-            yield sh.shard_batch(jax.tree.map(take, full), self.mesh)
 
     # -------------------------------------------------------------- iteration
     def iteration(self) -> dict:
         """One RL iteration. Returns its metrics."""
         times = {}
         t0 = time.perf_counter()
-        key = jax.random.fold_in(jax.random.key(self.config.seed), self.iteration_index)
+        key = self.sampling_key()
 
         # 1. rollouts and rewards (host-side reward functions, isolated in a pool)
         got = self.collect(key)
-        rollout, t = got.rollout, got.rollout.completion_ids.shape[1]
-        seq = self.sequences(rollout)
+        rollout = got.rollout
         times["time/collect"] = time.perf_counter() - t0
 
-        # 2. log-probs of the behaviour (old) and reference policies
-        t1 = time.perf_counter()
-        mask = jnp.asarray(rollout.loss_mask, jnp.float32)
-        if self.config.shared_prefix_update:        # one packed row per prompt
-            seq = packing.pack_rollout(rollout, self.sampler.num_generations,
-                                       pad_id=self.sampler.pad_id)
-            logp_fn, value_fn = self._packed_logprobs, getattr(self, "_packed_values", None)
-        else:
-            logp_fn = lambda params, s: self._logprobs(params, s, t)  # noqa: E731
-            value_fn = (lambda params, s: self._values(params, s, t)) if self.critic else None  # noqa: E731
-        old_logp = logp_fn(self.state.params, seq)
-        ref_logp = logp_fn(self.ref_params, seq) if self.ref_params is not None else None
-        values = value_fn(self.critic.state.params, seq) if self.critic else None
-        jax.block_until_ready(old_logp)
-        times["time/logprobs"] = time.perf_counter() - t1
-
-        # 3. advantages from rewards [P, G]
-        adv = self.objective.advantages(RewardBatch(
-            rewards=jnp.asarray(got.rewards, jnp.float32), mask=mask,
-            lengths=jnp.asarray(rollout.lengths), values=values))
-        pb = PolicyBatch(mask=adv.mask, old_logp=old_logp, advantages=adv.advantages,
-                         ref_logp=ref_logp, group_ids=jnp.asarray(rollout.group_id),
-                         old_values=values, returns=adv.returns)
-
-        # 4. several epochs of minibatch updates
+        # 2. one compiled program: log-prob passes, advantages, every optimizer step
         t2 = time.perf_counter()
-        for _ in range(self.config.epochs):
-            for batch in self.minibatches(seq, pb):
-                step_metrics = self.policy_step(batch)
-                if self.critic is not None:
-                    step_metrics = {**step_metrics, **self.value_step(batch)}
-        step_metrics = jax.device_get(step_metrics)
+        batch = self.iteration_batch(got)
+        step_metrics = jax.device_get(self.update_step(batch))
         times["time/update"] = time.perf_counter() - t2
 
         self.iteration_index += 1
         lengths = sh.host_value(rollout.lengths)
         total = time.perf_counter() - t0
+        # host work: tokenization, text decoding, rewards, batch assembly and transfers
+        times["time/host"] = max(total - times["time/update"]
+                                 - got.reward_metrics.get("time/generate", 0.0), 0.0)
         peak = flops_lib.peak_flops()
         if peak:   # model FLOPs utilisation of the update phase (accelerators only)
-            rows, width = rollout.completion_ids.shape[0], rollout.prompt_ids.shape[1] + t
+            rows, width = rollout.completion_ids.shape[0], (rollout.prompt_ids.shape[1]
+                                                            + rollout.completion_ids.shape[1])
             flops = self.config.epochs * flops_lib.train_flops(self.model_config, rows, width)
             times["perf/update_mfu"] = flops / times["time/update"] / (peak * jax.device_count())
-        return {**step_metrics, **got.reward_metrics, **adv.metrics, **times,
+        return {**{k: float(v) for k, v in step_metrics.items()}, **got.reward_metrics, **times,
                 "reward_mean": float(got.rewards.mean()),
                 "response_length": float(lengths.mean()),
                 "tokens_per_s": float(lengths.sum() / max(total, 1e-9)),

@@ -50,6 +50,36 @@ def completion_outputs(graphdef, params, seq: Sequences, completion_length: int,
     return TokenOutputs(logp=logp, entropy=entropy)
 
 
+def token_outputs(graphdef, params, seq, completion_length: int | None = None, *,
+                  temperature: float = 1.0, chunk_size: int = 512) -> TokenOutputs:
+    """The one teacher-forced forward every caller uses: per-token log-probs and
+    entropies [B, T] f32 of the completions, in either layout.
+
+    ``seq`` is ``Sequences`` (naive layout: B rows ``[prompt | completion]``, the last
+    ``completion_length`` tokens scored) or ``packing.PackedSequences`` (one row per
+    prompt, Prefix Grouper layout; T is read from it). ``temperature`` divides the
+    logits (log-probs of the distribution the sampler drew from, before truncation).
+    """
+    from rlx.train.packing import PackedSequences, packed_completion_outputs
+
+    if isinstance(seq, PackedSequences):
+        return packed_completion_outputs(graphdef, params, seq, temperature=temperature,
+                                         chunk_size=chunk_size)
+    if completion_length is None:
+        raise ValueError("token_outputs: completion_length is required for Sequences")
+    return completion_outputs(graphdef, params, seq, completion_length,
+                              temperature=temperature, chunk_size=chunk_size)
+
+
+def token_values(graphdef, params, seq, completion_length: int | None = None) -> jax.Array:
+    """Critic values V(s) before each completion token, [B, T] f32, in either layout."""
+    from rlx.train.packing import PackedSequences, packed_completion_values
+
+    if isinstance(seq, PackedSequences):
+        return packed_completion_values(graphdef, params, seq)
+    return completion_values(graphdef, params, seq, completion_length)
+
+
 def completion_values(graphdef, params, seq: Sequences, completion_length: int) -> jax.Array:
     """Critic values V(s_j) of the state before each completion token, [B, T] f32."""
     values = api.values(graphdef, params, seq.tokens, seq.positions, seq.attention_mask)
@@ -127,27 +157,29 @@ def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation,
 
 # ------------------------------------------------------------------------------- steps
 def make_policy_step(graphdef, tx, objective: Objective, *, num_microbatches: int = 1,
-                     temperature: float = 1.0, chunk_size: int = 512):
+                     temperature: float = 1.0, chunk_size: int = 512,
+                     reuse_logp: bool = False):
     """Policy-gradient update for any composed objective (GRPO family, PPO actor…).
 
     ``batch`` is a ``RolloutBatch`` (naive layout: one row per rollout) or a
     ``PackedRolloutBatch`` (shared-prefix layout: one row per prompt, see
     ``rlx.train.packing``); both give the same loss and gradients.
+    ``reuse_logp``: the step is the only optimizer step on its own samples, so the
+    behaviour log-probs are the current ones: ``old_logp = stop_gradient(logp)`` from
+    this forward (ratio ≡ 1) instead of ``batch.policy.old_logp``.
     """
-    from rlx.train.packing import packed_completion_outputs
 
     def step(state: TrainState, batch: RolloutBatch | PackedRolloutBatch):
         t = batch.completion_length
 
         def loss_fn(params, mb):
-            if isinstance(mb, PackedRolloutBatch):
-                outputs = packed_completion_outputs(graphdef, params, mb.packed,
-                                                    temperature=temperature,
-                                                    chunk_size=chunk_size)
-            else:
-                outputs = completion_outputs(graphdef, params, mb.seq, t,
-                                             temperature=temperature, chunk_size=chunk_size)
-            out = objective.loss(outputs, mb.policy, state.objective_state)
+            seq = mb.packed if isinstance(mb, PackedRolloutBatch) else mb.seq
+            outputs = token_outputs(graphdef, params, seq, t, temperature=temperature,
+                                    chunk_size=chunk_size)
+            policy = mb.policy
+            if reuse_logp:
+                policy = policy.replace(old_logp=jax.lax.stop_gradient(outputs.logp))
+            out = objective.loss(outputs, policy, state.objective_state)
             return out.numerator, (out.denominator, out.metrics)
 
         grads, num, den, metrics = accumulate_gradients(loss_fn, state.params, batch,
@@ -171,11 +203,8 @@ def make_value_step(graphdef, tx, *, clip_eps: float | None = 0.2,
             raise ValueError("value step needs PolicyBatch.returns and .old_values")
 
         def loss_fn(params, mb):
-            if isinstance(mb, PackedRolloutBatch):
-                from rlx.train.packing import packed_completion_values
-                v = packed_completion_values(graphdef, params, mb.packed)
-            else:
-                v = completion_values(graphdef, params, mb.seq, t)
+            seq = mb.packed if isinstance(mb, PackedRolloutBatch) else mb.seq
+            v = token_values(graphdef, params, seq, t)
             loss, clipped = clipped_value_loss(v, mb.policy.old_values, mb.policy.returns,
                                                mb.policy.mask, clip_eps=clip_eps)
             m = (mb.policy.mask > 0).astype(jnp.float32)
@@ -186,7 +215,8 @@ def make_value_step(graphdef, tx, *, clip_eps: float | None = 0.2,
         grads, num, den, metrics = accumulate_gradients(loss_fn, state.params, batch,
                                                         num_microbatches)
         state, extra = apply_gradients(state, grads, tx)
-        return state, {**metrics, **extra, "value_loss": num / jnp.maximum(den, 1.0)}
+        return state, {**metrics, **{f"value_{k}": v for k, v in extra.items()},
+                       "value_loss": num / jnp.maximum(den, 1.0)}
 
     return step
 

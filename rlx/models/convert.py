@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import safetensors
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -57,13 +58,29 @@ INDEX_FILE = "model.safetensors.index.json"
 RLX_PARAMS_FILE = "params.safetensors"
 RLX_FORMAT = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "chat_template.jinja", "generation_config.json")
+                   "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt",
+                   "added_tokens.json", "generation_config.json")
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+GENERATION_FILE = "generation_config.json"
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+_SafetensorError = getattr(safetensors, "SafetensorError", Exception)
 
 
 class CheckpointError(ValueError):
     """A checkpoint folder or file cannot be read or written as requested."""
+
+
+class ShardError(CheckpointError):
+    """A safetensors file is unreadable (truncated, corrupt header) or lacks a tensor that
+    the index or the config says it holds. ``path`` is the file, ``tensor`` the tensor
+    concerned (None when the file's header cannot be read and the file is not indexed).
+    The message is one line naming both."""
+
+    def __init__(self, message: str, *, path: str, tensor: str | None = None):
+        super().__init__(" ".join(message.split()))
+        self.path = path
+        self.tensor = tensor
 
 
 # --------------------------------------------------------------------------- configs
@@ -308,24 +325,97 @@ def _check_folder(folder: str) -> None:
         raise CheckpointError(f"checkpoint folder {folder!r} has no config.json")
 
 
-def _weight_files(folder: str) -> dict[str, str]:
-    """Maps each tensor name to the safetensors file (path) that holds it."""
+def _header_problem(path: str) -> tuple[str, str | None]:
+    """Why ``path`` does not open as safetensors: (what is wrong, the tensor it cuts)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, too short for a safetensors header (truncated)", None
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            return (f"its header claims {n} bytes but the file has {size} (truncated, or "
+                    "not a safetensors file)"), None
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "its header is not valid JSON (corrupt file)", None
+    if not isinstance(header, dict):
+        return "its header is not a JSON object (corrupt file)", None
+    data = size - 8 - n
+    cut = []
+    for name, info in header.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if name == "__metadata__" or not isinstance(offsets, list) or len(offsets) != 2:
+            continue
+        if isinstance(offsets[1], int) and offsets[1] > data:
+            cut.append((offsets[0], offsets[1], name))
+    if cut:
+        start, end, name = min(cut)
+        more = f" (and {len(cut) - 1} more tensors)" if len(cut) > 1 else ""
+        return (f"truncated: tensor {name!r}{more} needs bytes {start}..{end} of the data "
+                f"section, which has {data}"), name
+    return "", None
+
+
+def _open_shard(path: str, stack: contextlib.ExitStack, expected: list[str]):
+    """safe_open(path) in ``stack``; an unreadable file raises ShardError naming the file
+    and the tensor (the one a truncation cuts, else the first ``expected`` one)."""
+    try:
+        return stack.enter_context(safe_open(path, framework="np"))
+    except _SafetensorError as e:
+        problem, tensor = _header_problem(path)
+        if not problem:
+            problem = f"unreadable safetensors file ({e})"
+        tensor = tensor or (expected[0] if expected else None)
+        held = ""
+        if tensor is not None and tensor in expected:
+            held = (f"; it should hold {tensor!r}"
+                    + (f" and {len(expected) - 1} more tensors" if len(expected) > 1 else ""))
+        raise ShardError(f"{path}: {problem}{held}; re-download or re-export this file",
+                         path=path, tensor=tensor) from None
+
+
+def _weight_files(folder: str, specs: list[TensorSpec], stack: contextlib.ExitStack
+                  ) -> tuple[dict[str, str], dict[str, Any]]:
+    """({tensor name: safetensors path}, {path: open handle}), every file opened and
+    checked against what the index says it holds."""
     index = os.path.join(folder, INDEX_FILE)
     single = os.path.join(folder, SINGLE_FILE)
     if os.path.isfile(index):
         weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
+        if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: no 'weight_map' object")
+        by_file: dict[str, list[str]] = {}
+        for name, fname in weight_map.items():
+            if not isinstance(fname, str) or os.path.basename(fname) != fname:
+                raise CheckpointError(f"{index}: tensor {name!r} maps to {fname!r}, "
+                                      "expected a file name in the folder")
+            by_file.setdefault(fname, []).append(name)
+        handles: dict[str, Any] = {}
+        for fname, names in by_file.items():
+            path = os.path.join(folder, fname)
+            if not os.path.isfile(path):
+                raise ShardError(f"{index}: shard {fname!r} (holding {names[0]!r}) not "
+                                 "found (stale index, or the shard was not downloaded)",
+                                 path=path, tensor=names[0])
+            handles[path] = _open_shard(path, stack, names)
+        keys = {path: set(f.keys()) for path, f in handles.items()}
         files = {}
         for name, fname in weight_map.items():
             path = os.path.join(folder, fname)
-            if not os.path.isfile(path):
-                raise CheckpointError(f"{index}: shard {fname!r} (holding {name!r}) not found")
+            if name not in keys[path]:
+                elsewhere = sorted(os.path.basename(p) for p, k in keys.items() if name in k)
+                hint = f" (it is in {elsewhere[0]!r})" if elsewhere else ""
+                raise ShardError(f"{index}: tensor {name!r} is listed in shard {fname!r}, "
+                                 f"which does not contain it{hint}; the index is stale",
+                                 path=path, tensor=name)
             files[name] = path
-        return files
+        return files, handles
     if os.path.isfile(single):
-        with safe_open(single, framework="np") as f:
-            return {name: single for name in f.keys()}
+        f = _open_shard(single, stack, [s.hf_name for s in specs])
+        return {name: single for name in f.keys()}, {single: f}
     present = sorted(os.listdir(folder))
     pickled = [p for p in present if p.endswith((".bin", ".pt", ".pth", ".ckpt"))]
     hint = (f"; found {pickled}: pickled checkpoints are never loaded (re-save them with "
@@ -334,41 +424,53 @@ def _weight_files(folder: str) -> dict[str, str]:
                           f"{INDEX_FILE}{hint}")
 
 
+def _get_tensor(handle, path: str, name: str) -> np.ndarray:
+    try:
+        return handle.get_tensor(name)
+    except _SafetensorError as e:
+        raise ShardError(f"{path}: tensor {name!r} cannot be read ({e})", path=path,
+                         tensor=name) from None
+
+
 def read_hf_tensors(folder: str, config: ModelConfig) -> dict[str, np.ndarray]:
-    """Reads and checks the policy tensors of ``folder``: {rlx path: array [rlx layout]}."""
-    files = _weight_files(folder)
+    """Reads and checks the policy tensors of ``folder``: {rlx path: array [rlx layout]}.
+
+    Errors are one-line CheckpointErrors naming the file and the tensor: ShardError for a
+    truncated or corrupt file, a stale index (a shard that does not exist, or a tensor
+    not in the shard it names) and a file lacking a tensor; CheckpointError for shape
+    mismatches and unexpected tensors.
+    """
     specs = tensor_specs(config)
     by_name = {s.hf_name: s for s in specs}
-    missing = [s.hf_name for s in specs if s.hf_name not in files]
-    if missing:
-        raise CheckpointError(f"{folder}: missing tensors {missing}")
-    extra = sorted(n for n in files if n not in by_name and not _IGNORED.match(n))
-    tied_head = config.tie_embeddings and "lm_head.weight" in extra
-    if tied_head:
-        extra.remove("lm_head.weight")
-    if extra:
-        raise CheckpointError(f"{folder}: unexpected tensors {extra}")
     out: dict[str, np.ndarray] = {}
     with contextlib.ExitStack() as stack:
-        handles: dict[str, Any] = {}
-
-        def tensor_file(name):
-            path = files[name]
-            if path not in handles:
-                handles[path] = stack.enter_context(safe_open(path, framework="np"))
-            return path, handles[path]
-
+        files, handles = _weight_files(folder, specs, stack)
+        missing = [s.hf_name for s in specs if s.hf_name not in files]
+        if missing:
+            where = os.path.join(folder, INDEX_FILE)
+            if not os.path.isfile(where):
+                where = os.path.join(folder, SINGLE_FILE)
+            raise ShardError(f"{where}: missing tensors {missing} (needed by config.json)",
+                             path=where, tensor=missing[0])
+        extra = sorted(n for n in files if n not in by_name and not _IGNORED.match(n))
+        tied_head = config.tie_embeddings and "lm_head.weight" in extra
+        if tied_head:
+            extra.remove("lm_head.weight")
+        if extra:
+            raise CheckpointError(f"{folder}: unexpected tensors {extra}")
         for spec in specs:
-            path, f = tensor_file(spec.hf_name)
+            path = files[spec.hf_name]
+            f = handles[path]
             shape = tuple(f.get_slice(spec.hf_name).get_shape())
             if shape != spec.hf_shape:
                 raise CheckpointError(
                     f"{os.path.basename(path)}: tensor {spec.hf_name!r} has shape {shape}, "
                     f"expected {spec.hf_shape} from config.json")
-            array = f.get_tensor(spec.hf_name)
+            array = _get_tensor(f, path, spec.hf_name)
             out[spec.path] = array.T if spec.transpose else array
         if tied_head:
-            head = tensor_file("lm_head.weight")[1].get_tensor("lm_head.weight")
+            path = files["lm_head.weight"]
+            head = _get_tensor(handles[path], path, "lm_head.weight")
             embed = out["trunk/embed/embedding"]
             if head.shape != embed.shape or not np.array_equal(head, embed):
                 raise CheckpointError(f"{folder}: config.json has tie_word_embeddings=true "
@@ -432,20 +534,111 @@ def _prepare_out(folder: str, overwrite: bool) -> None:
     os.makedirs(folder, exist_ok=True)
 
 
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` holds a tokenizer ``load_tokenizer`` opens (tokenizer.json or
+    one ``.model``)."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return False
+    names = os.listdir(folder)
+    return "tokenizer.json" in names or "tokenizer.model" in names or \
+        sum(n.endswith(".model") for n in names) == 1
+
+
+def _export_tokenizer(tokenizer) -> tuple[Any, str | None, bytes | None]:
+    """(Tokenizer, folder whose tokenizer files are copied, SentencePiece proto to write
+    as tokenizer.model) for save_hf's ``tokenizer`` argument."""
+    from rlx.data import tokenizer as tok_lib
+
+    if isinstance(tokenizer, (str, os.PathLike)):
+        path = os.fspath(tokenizer)
+        try:
+            tok = tok_lib.load_tokenizer(path)
+        except ValueError as e:
+            raise CheckpointError(f"tokenizer={path!r}: {e}") from e
+    elif isinstance(tokenizer, tok_lib.Tokenizer):
+        tok = tokenizer
+    else:
+        raise CheckpointError(f"tokenizer must be a folder, a tokenizer file or an rlx "
+                              f"Tokenizer, got {type(tokenizer).__name__}")
+    if isinstance(tok, tok_lib.HFTokenizer):
+        return tok, tok.folder, None
+    if isinstance(tok, tok_lib.SentencePieceTokenizer):
+        return tok, None, tok.model_proto
+    return tok, None, None
+
+
+def _token_ids(tok, config: ModelConfig) -> dict[str, Any]:
+    """bos/eos/pad ids of ``tok`` as config.json / generation_config.json keys."""
+    if tok.vocab_size > config.vocab_size:
+        raise CheckpointError(f"the tokenizer has {tok.vocab_size} tokens but the model's "
+                              f"vocab_size is {config.vocab_size}: not this model's tokenizer")
+    stop = list(tok.stop_ids)
+    return {"bos_token_id": tok.bos_id,
+            "eos_token_id": stop[0] if len(stop) == 1 else (stop or None),
+            "pad_token_id": tok.pad_id}
+
+
+def _check_ids(ids: Mapping[str, Any], vocab_size: int, source: str) -> None:
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = ids.get(key)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if v is None:
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < vocab_size:
+                raise CheckpointError(f"{source}: {key}={value!r}: expected ids in "
+                                      f"[0, {vocab_size})")
+
+
 def save_hf(folder: str, config: ModelConfig, params, *, dtype: str = "float32",
             shard_size: int | str = "5GB", architecture: str | None = None,
-            extra_config: Mapping[str, Any] | None = None, overwrite: bool = False
-            ) -> list[str]:
-    """Writes a policy as a Hugging Face folder ``transformers`` can load.
+            extra_config: Mapping[str, Any] | None = None, overwrite: bool = False,
+            tokenizer=None, generation: Mapping[str, Any] | None = None) -> list[str]:
+    """Writes a policy as a Hugging Face folder ``transformers`` (or a serving stack) loads.
 
     Writes config.json and model.safetensors, or when the tensors exceed
     ``shard_size`` bytes, model-0000i-of-0000n.safetensors plus
     model.safetensors.index.json. Returns the written weight file names.
+
+    Args:
+      tokenizer: the model's tokenizer: a folder or tokenizer file (``load_tokenizer``
+        paths), or an rlx ``Tokenizer``. Its files are copied next to the weights (an
+        HFTokenizer's ``TOKENIZER_FILES`` and ``additional_chat_templates/``; a
+        SentencePiece model as ``tokenizer.model``), and its ids go into config.json and
+        generation_config.json: ``bos_token_id`` (None without bos), ``eos_token_id``
+        (``tokenizer.stop_ids``: one int, or the list, e.g. Llama-3's <|end_of_text|> and
+        <|eot_id|>), ``pad_token_id`` (``tokenizer.pad_id``, which falls back to eos).
+        generation_config.json starts from the tokenizer folder's own, so its sampling
+        defaults are kept.
+      generation: keys that override generation_config.json (e.g. ``{"eos_token_id":
+        [2, 7], "temperature": 0.6}``); the ids among them also go into config.json.
+        With neither argument no ids and no generation_config.json are written.
+      extra_config: keys that override config.json last.
     """
     folder = os.fspath(folder)
     limit = parse_size(shard_size)
+    tok = source = proto = None
+    gen: dict[str, Any] | None = None
+    if tokenizer is not None:
+        tok, source, proto = _export_tokenizer(tokenizer)
+        gen = dict(getattr(tok, "generation_config", None) or {})
+        gen.update(_token_ids(tok, config))
+    if generation is not None:
+        if not isinstance(generation, Mapping):
+            raise CheckpointError(f"generation must be a mapping, got "
+                                  f"{type(generation).__name__}")
+        gen = {**(gen or {}), **generation}
+    ids = {}
+    if gen is not None:
+        try:
+            json.dumps(gen)
+        except TypeError as e:
+            raise CheckpointError(f"generation_config is not JSON-serialisable: {e}") from e
+        ids = {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in gen}
+        _check_ids(ids, config.vocab_size, GENERATION_FILE)
     hf_config = config_to_hf(config, architecture=architecture, dtype=dtype,
-                             extra=extra_config)
+                             extra={**ids, **(extra_config or {})})
     flat = flatten_params(params)
     specs = tensor_specs(config)
     missing = [s.path for s in specs if s.path not in flat]
@@ -471,9 +664,19 @@ def save_hf(folder: str, config: ModelConfig, params, *, dtype: str = "float32",
         used += value.nbytes
 
     _prepare_out(folder, overwrite)
-    for stale in (SINGLE_FILE, INDEX_FILE):
-        if os.path.exists(os.path.join(folder, stale)):
-            os.remove(os.path.join(folder, stale))
+    if source is not None and os.path.samefile(source, folder):
+        source = None  # exporting into the tokenizer's own folder: its files stay
+        tok = None
+    stale = [SINGLE_FILE, INDEX_FILE]
+    if gen is not None:
+        stale.append(GENERATION_FILE)
+    if tok is not None:
+        stale.extend(TOKENIZER_FILES)
+        if os.path.isdir(os.path.join(folder, CHAT_TEMPLATE_DIR)):
+            shutil.rmtree(os.path.join(folder, CHAT_TEMPLATE_DIR))
+    for name in stale:
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
     metadata = {"format": "pt"}
     if len(shards) == 1:
         names = [SINGLE_FILE]
@@ -489,17 +692,33 @@ def save_hf(folder: str, config: ModelConfig, params, *, dtype: str = "float32",
             json.dump(index, f, indent=2)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
+    if source is not None:
+        copy_tokenizer_files(source, folder, generation=False)
+    if proto is not None:
+        with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+            f.write(proto)
+    if gen is not None:
+        with open(os.path.join(folder, GENERATION_FILE), "w") as f:
+            json.dump(gen, f, indent=2)
     return names
 
 
-def copy_tokenizer_files(src: str, dst: str) -> list[str]:
-    """Copies tokenizer/generation files (``TOKENIZER_FILES``) present in ``src``."""
+def copy_tokenizer_files(src: str, dst: str, *, generation: bool = True) -> list[str]:
+    """Copies tokenizer/generation files (``TOKENIZER_FILES`` and an
+    ``additional_chat_templates/`` folder) present in ``src``; ``generation=False`` leaves
+    generation_config.json out. Returns the copied names."""
     copied = []
     for name in TOKENIZER_FILES:
+        if name == GENERATION_FILE and not generation:
+            continue
         path = os.path.join(src, name)
         if os.path.isfile(path):
             shutil.copyfile(path, os.path.join(dst, name))
             copied.append(name)
+    templates = os.path.join(src, CHAT_TEMPLATE_DIR)
+    if os.path.isdir(templates):
+        shutil.copytree(templates, os.path.join(dst, CHAT_TEMPLATE_DIR), dirs_exist_ok=True)
+        copied.append(CHAT_TEMPLATE_DIR)
     return copied
 
 
@@ -538,8 +757,9 @@ def load_rlx(folder: str, *, dtype: str | None = None):
     path = os.path.join(folder, RLX_PARAMS_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"rlx checkpoint folder {folder!r} has no {RLX_PARAMS_FILE}")
-    with safe_open(path, framework="np") as f:
-        flat = {name: f.get_tensor(name) for name in f.keys()}
+    with contextlib.ExitStack() as stack:
+        f = _open_shard(path, stack, [])
+        flat = {name: _get_tensor(f, path, name) for name in f.keys()}
     kind = meta.get("kind", "policy")
     if kind not in ("policy", "value", "reward"):
         raise CheckpointError(f"{folder}/config.json: unknown kind {kind!r}")

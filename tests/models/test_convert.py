@@ -284,3 +284,209 @@ def test_unflatten_reports_missing_and_shape(model):
     bad = dict(flat, **{"trunk/final_norm/scale": np.ones(3, np.float32)})
     with pytest.raises(CheckpointError, match=r"'trunk/final_norm/scale' has shape \(3,\)"):
         convert.unflatten_params(CFG, bad)
+
+
+# ------------------------------------------------------------------------ clear import errors
+
+
+def _one_line_naming(err, *parts):
+    message = str(err.value)
+    assert "\n" not in message and isinstance(err.value, ValueError)
+    for part in parts:
+        assert part in message, (part, message)
+
+
+@pytest.fixture
+def sharded_dir(tmp_path, model):
+    folder = tmp_path / "sharded"
+    names = convert.save_hf(folder, CFG, model[1], shard_size="3KB")
+    return folder, names
+
+
+def test_truncated_shard_names_file_and_cut_tensor(sharded_dir):
+    folder, names = sharded_dir
+    path = folder / names[1]
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) - 100])
+    with pytest.raises(convert.ShardError) as err:
+        convert.load_hf(folder)
+    index = json.loads((folder / convert.INDEX_FILE).read_text())["weight_map"]
+    assert err.value.path == str(path) and index[err.value.tensor] == names[1]
+    _one_line_naming(err, names[1], "truncated", repr(err.value.tensor), "re-download")
+
+
+def test_truncated_single_file_names_the_tensor(hf_dir):
+    path = hf_dir / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])
+    with pytest.raises(convert.ShardError) as err:
+        convert.load_hf(hf_dir)
+    assert err.value.tensor is not None
+    _one_line_naming(err, "model.safetensors", "truncated", repr(err.value.tensor))
+    path.write_bytes(data[:5])
+    with pytest.raises(convert.ShardError, match="too short for a safetensors header"):
+        convert.load_hf(hf_dir)
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda d: d[:8] + b"{not json" + d[17:],
+    lambda d: (10**12).to_bytes(8, "little") + d[8:],
+    lambda d: b"\x00" * len(d),
+])
+def test_corrupt_header_is_a_one_line_shard_error(sharded_dir, corrupt):
+    folder, names = sharded_dir
+    path = folder / names[0]
+    path.write_bytes(corrupt(path.read_bytes()))
+    with pytest.raises(convert.ShardError) as err:
+        convert.load_hf(folder)
+    assert err.value.path == str(path)
+    first = json.loads((folder / convert.INDEX_FILE).read_text())["weight_map"]
+    assert first[err.value.tensor] == names[0]
+    _one_line_naming(err, names[0], f"it should hold {err.value.tensor!r}")
+
+
+def test_stale_index_naming_a_missing_shard(sharded_dir):
+    folder, names = sharded_dir
+    index_path = folder / convert.INDEX_FILE
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.norm.weight"] = "model-00099-of-00099.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(convert.ShardError) as err:
+        convert.load_hf(folder)
+    assert err.value.tensor == "model.norm.weight"
+    _one_line_naming(err, convert.INDEX_FILE, "'model-00099-of-00099.safetensors'",
+                     "'model.norm.weight'", "not found")
+
+
+def test_stale_index_naming_the_wrong_shard(sharded_dir):
+    folder, names = sharded_dir
+    index_path = folder / convert.INDEX_FILE
+    index = json.loads(index_path.read_text())
+    real = index["weight_map"]["model.norm.weight"]
+    wrong = next(n for n in names if n != real)
+    index["weight_map"]["model.norm.weight"] = wrong
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(convert.ShardError) as err:
+        convert.load_hf(folder)
+    assert (err.value.tensor, err.value.path) == ("model.norm.weight", str(folder / wrong))
+    _one_line_naming(err, f"listed in shard {wrong!r}", "does not contain it",
+                     f"it is in {real!r}", "stale")
+    index["weight_map"]["model.norm.weight"] = "../model.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="expected a file name in the folder"):
+        convert.load_hf(folder)
+
+
+def test_missing_tensor_names_the_file(hf_dir, sharded_dir):
+    tensors = load_file(hf_dir / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, hf_dir / "model.safetensors")
+    with pytest.raises(convert.ShardError) as err:
+        convert.load_hf(hf_dir)
+    assert err.value.tensor == "model.layers.1.mlp.up_proj.weight"
+    _one_line_naming(err, "model.safetensors: missing tensors",
+                     "'model.layers.1.mlp.up_proj.weight'")
+    folder, _ = sharded_dir
+    index_path = folder / convert.INDEX_FILE
+    index = json.loads(index_path.read_text())
+    del index["weight_map"]["model.norm.weight"]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(convert.ShardError) as err:
+        convert.load_hf(folder)
+    _one_line_naming(err, f"{convert.INDEX_FILE}: missing tensors ['model.norm.weight']")
+
+
+def test_corrupt_rlx_params_file_is_a_shard_error(tmp_path, model):
+    convert.save_rlx(tmp_path, CFG, model[1])
+    path = tmp_path / convert.RLX_PARAMS_FILE
+    path.write_bytes(path.read_bytes()[:-50])
+    with pytest.raises(convert.ShardError) as err:
+        convert.load_rlx(tmp_path)
+    _one_line_naming(err, convert.RLX_PARAMS_FILE, "truncated")
+
+
+# ------------------------------------------------------------------------ export ids
+
+
+class _Tok:
+    """A minimal rlx Tokenizer with chosen ids (no files)."""
+
+    @staticmethod
+    def make(*, vocab=32, bos=1, eos=2, pad=0, stop=None):
+        from rlx.data.tokenizer import Tokenizer
+
+        class T(Tokenizer):
+            vocab_size, bos_id, eos_id, pad_id = vocab, bos, eos, pad
+            stop_ids = tuple(stop) if stop is not None else (eos,)
+
+            def _encode(self, text):
+                return [3] * len(text)
+
+            def decode(self, ids, *, skip_special=True):
+                return ""
+
+        return T()
+
+
+def test_save_hf_writes_token_ids_and_generation_config(tmp_path, model):
+    tok = _Tok.make(bos=None, eos=5, pad=4, stop=(5, 6))
+    convert.save_hf(tmp_path, CFG, model[1], tokenizer=tok,
+                    generation={"temperature": 0.7})
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (None, [5, 6], 4)
+    assert gen == {"bos_token_id": None, "eos_token_id": [5, 6], "pad_token_id": 4,
+                   "temperature": 0.7}
+    convert.save_hf(tmp_path, CFG, model[1], tokenizer=_Tok.make(), overwrite=True,
+                    generation={"eos_token_id": [2, 9]}, extra_config={"pad_token_id": 3})
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, [2, 9], 3)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == [2, 9]
+    _same(convert.load_hf(tmp_path)[2], model[1])
+
+
+def test_save_hf_rejects_a_tokenizer_of_another_model(tmp_path, model):
+    with pytest.raises(CheckpointError, match="tokenizer has 40 tokens but the model's "
+                       "vocab_size is 32"):
+        convert.save_hf(tmp_path, CFG, model[1], tokenizer=_Tok.make(vocab=40))
+    with pytest.raises(CheckpointError, match=r"eos_token_id=\[2, 32\]"):
+        convert.save_hf(tmp_path, CFG, model[1], generation={"eos_token_id": [2, 32]})
+    with pytest.raises(CheckpointError, match="tokenizer=.*no tokenizer.json"):
+        convert.save_hf(tmp_path, CFG, model[1], tokenizer=tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing written before the checks
+
+
+def test_save_hf_copies_sentencepiece_and_hf_tokenizer_files(tmp_path, model):
+    from rlx.data.tokenizer import load_tokenizer, train_sentencepiece
+
+    sp = train_sentencepiece(["ab ba abc cab"] * 10, vocab_size=20)
+    assert sp.vocab_size <= CFG.vocab_size
+    convert.save_hf(tmp_path / "sp", CFG, model[1], tokenizer=sp)
+    back = load_tokenizer(tmp_path / "sp")
+    assert back.encode("abc cab") == sp.encode("abc cab") and back.stop_ids == (3,)
+    cfg = json.loads((tmp_path / "sp" / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (2, 3, 0)
+    assert convert.has_tokenizer(tmp_path / "sp") and not convert.has_tokenizer(tmp_path)
+
+    from tokenizers import Tokenizer, models
+
+    src = tmp_path / "src"
+    (src / convert.CHAT_TEMPLATE_DIR).mkdir(parents=True)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<eot>": 3, "a": 4}
+    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": "x"}))
+    (src / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [2, 3], "top_p": 0.9}))
+    (src / convert.CHAT_TEMPLATE_DIR / "tool_use.jinja").write_text("t")
+    out = tmp_path / "out"
+    convert.save_hf(out, CFG, model[1], tokenizer=str(src))
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+        "generation_config.json", convert.CHAT_TEMPLATE_DIR])
+    assert json.loads((out / "generation_config.json").read_text()) == {
+        "eos_token_id": [2, 3], "top_p": 0.9, "bos_token_id": 1, "pad_token_id": 2}
+    (out / "special_tokens_map.json").write_text("{}")  # stale: removed on overwrite
+    convert.save_hf(out, CFG, model[1], tokenizer=load_tokenizer(src), overwrite=True)
+    assert not (out / "special_tokens_map.json").exists()
+    assert load_tokenizer(out).stop_ids == (2, 3)

@@ -1,9 +1,12 @@
 """Host-side reward functions, weighted multi-reward specs and the reward worker pool.
 
 Reward protocol: ``fn(completion: str, problem) -> float`` (``problem`` has ``.prompt``,
-``.answer``, ``.meta``). Registered rewards: ``numeric_exact_match``,
-``final_answer_match``, ``math_answer``, ``countdown``, ``sorting``, ``format``. This
-package never imports JAX, so worker processes start fast.
+``.answer``, ``.meta``), or with ``@batched``, ``fn(completions, problems) -> list[float]``.
+Registered rewards: ``numeric_exact_match``, ``final_answer_match``, ``math_answer``,
+``countdown``, ``sorting``, ``format``; any other name is read as an import path of a
+user's function (``"my_rewards.brevity"``, ``"my_rewards:brevity"``,
+``"/tmp/x/my_rewards.py:brevity"``; ``rlx.rewards.references``). This package never
+imports JAX, so worker processes start fast.
 """
 
 from rlx.rewards.countdown import ExpressionError, countdown_reward, evaluate_expression, extract_expression
@@ -11,7 +14,9 @@ from rlx.rewards.exact import final_answer_match, numeric_exact_match
 from rlx.rewards.extract import extract_answer, extract_boxed, parse_number
 from rlx.rewards.format import format_reward
 from rlx.rewards.math_check import available_backend, math_answer, sympy_equal
-from rlx.rewards.pool import RewardPool, RewardResult
+from rlx.rewards.pool import RewardPool
+from rlx.rewards.references import batched
+from rlx.rewards.result import RewardFailedError, RewardResult
 from rlx.rewards.sorting import sorting_reward
 from rlx.rewards.spec import (
     RewardComponent,
@@ -26,12 +31,14 @@ from rlx.rewards.spec import (
 __all__ = [
     "ExpressionError",
     "RewardComponent",
+    "RewardFailedError",
     "RewardFn",
     "RewardPool",
     "RewardResult",
     "RewardSpec",
     "available_backend",
     "available_rewards",
+    "batched",
     "countdown_reward",
     "evaluate_expression",
     "extract_answer",

@@ -3,6 +3,7 @@ processes can import them; this directory is on the workers' PYTHONPATH)."""
 
 import os
 import signal
+import threading
 import time
 
 
@@ -45,3 +46,10 @@ def nan_reward(completion, problem):
 
 def pid_reward(completion, problem):
     return float(os.getpid())
+
+
+def delayed_exit_reward(completion, problem):
+    """For 'later', ends the process from a background thread shortly after returning."""
+    if completion == "later":
+        threading.Timer(0.2, os._exit, (4,)).start()
+    return 1.0

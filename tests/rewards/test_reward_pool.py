@@ -1,4 +1,5 @@
-"""Reward worker pool: order, failure and timeout isolation, watchdog kills, fallback."""
+"""Reward worker pool: order, weights, failure and timeout isolation, watchdog kills,
+worker replacement, backend choice."""
 
 import os
 import time
@@ -75,12 +76,17 @@ def test_call_that_ignores_the_alarm_is_killed_and_the_rest_rescored(process_poo
     assert process_pool.score(["9"], [P]).components[0, 0] == 9
 
 
-def test_worker_death_is_a_counted_failure(process_pool):
+def test_worker_death_is_a_counted_crash(process_pool):
     r = process_pool.score(["1", "die", "2"], [P] * 3)
     assert r.failed.tolist() == [False, True, False]
-    assert r.failures >= 1 and r.timeouts == 0
+    # "die" kills its worker in dying_reward: the crash is counted there; the sample's
+    # other components (whose results died with the worker) hold failure_value uncounted.
+    assert r.crashes == 1 and r.timeouts == 0 and r.failures == 1
+    assert r.component_failures.tolist() == [0, 0, 0, 0, 1]
+    assert r.components[1].tolist() == [-1.0] * 5
     np.testing.assert_array_equal(r.components[[0, 2], 0], [1, 2])
-    assert any("died" in e for e in r.errors)
+    assert "died (exit code 3)" in r.component_errors[4]
+    assert r.metrics()["reward/dying_reward/failures"] == 1.0
 
 
 def test_non_finite_score_is_a_failure():
@@ -112,10 +118,57 @@ def test_thread_backend_abandons_a_stuck_call():
         assert pool.restarts == 1
 
 
-def test_process_backend_requires_a_picklable_spec():
+def test_process_backend_rejects_a_spec_that_does_not_pickle():
     spec = RewardSpec((RewardComponent("anon", fn=lambda c, p: 1.0),))
-    with pytest.raises(ValueError, match="picklable"):
+    with pytest.raises(ValueError, match="needs a RewardSpec that pickles for a worker"):
         RewardPool(spec, backend="process")
+
+
+def test_default_backend_is_worker_processes_for_importable_specs():
+    with RewardPool(_spec(h.pid_reward), num_workers=1) as pool:
+        assert pool.backend == "process"
+        assert int(pool.score(["a"], [P]).components[0, 0]) != os.getpid()
+    with RewardPool(RewardSpec((RewardComponent("format", kwargs={"pattern": "x"}),)), num_workers=1) as pool:
+        assert pool.backend == "process"
+
+
+def test_weights_give_the_total_and_components_are_kept():
+    spec = _spec(h.index_reward, h.nan_reward, weights=[-0.5, 4.0])
+    with RewardPool(spec, num_workers=1, backend="process") as pool:
+        r = pool.score(["2", "nan", "6"], [P] * 3)
+    np.testing.assert_array_equal(r.components, [[2, 0.5], [0, 0], [6, 0.5]])
+    np.testing.assert_array_equal(r.scores, [-1 + 2, 0, -3 + 2])  # failed calls score 0
+    assert r.scores.shape == (3,) and r.components.shape == (3, 2)
+
+
+def test_a_replacement_worker_gets_time_to_import_its_rewards(tmp_path):
+    mod = tmp_path / "slow_import_rewards.py"
+    mod.write_text(
+        "import os, signal, time\n"
+        "if os.environ.get('RLX_REWARD_WORKER'):\n"
+        "    time.sleep(0.8)  # a heavy import, longer than the call time limit\n"
+        "def r(completion, problem):\n"
+        "    if completion == 'hang':\n"
+        "        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n"
+        "        time.sleep(60)\n"
+        "    return float(completion)\n"
+    )
+    spec = RewardSpec((RewardComponent(f"{mod}:r"),))
+    with RewardPool(spec, num_workers=1, timeout_s=0.2, kill_grace_s=0.2, chunk_size=4) as pool:
+        r = pool.score(["1", "hang", "2", "3"], [P] * 4)
+        assert pool.restarts == 1
+    assert r.failed.tolist() == [False, True, False, False] and r.timeouts == 1
+    assert r.components[[0, 2, 3], 0].tolist() == [1, 2, 3]
+
+
+def test_a_worker_that_died_while_idle_does_not_fail_the_next_batch():
+    spec = _spec(h.delayed_exit_reward)
+    with RewardPool(spec, num_workers=1, backend="process") as pool:
+        assert pool.score(["later"], [P]).components[0, 0] == 1.0
+        pool._workers[0].proc.wait(timeout=5)  # its background timer ends the process
+        r = pool.score(["a", "b"], [P] * 2)
+        assert pool.restarts == 1
+    assert not r.failed.any() and r.crashes == 0
 
 
 def test_close_stops_the_workers_and_later_calls_fail():

@@ -4,6 +4,10 @@ periodic sample tables, and a PNG summary plot at the end.
 Only process 0 writes. TensorBoard and the plot use optional packages
 (``tensorboardX``, ``matplotlib``; the ``plot`` extra); without them those outputs
 are skipped with one warning, never an error.
+
+``metrics.jsonl`` is strict JSON: a NaN or ±inf metric is written as ``null``, the
+row's ``nonfinite_metrics`` says how many of its metrics were so, and the first
+non-finite value of each metric name is reported with one warning.
 """
 
 from __future__ import annotations
@@ -21,9 +25,17 @@ import numpy as np
 
 log = logging.getLogger("rlx.logger")
 
-PLOT_KEYS = (("reward", "reward_mean"), ("held-out accuracy", "eval/accuracy"),
-             ("KL(old‖new) (k3)", "ratio/approx_kl"), ("entropy", "entropy/mean"),
-             ("response length", "response_length"))
+# KL to the reference policy, first name found: the engine's measured KL of the sampled
+# tokens ("kl/ref"), else the ``kl_penalty`` regularizer's default metric ("kl/mean").
+# (The old‖new ratio KL ``ratio/approx_kl`` is ~1e-13 on-policy and says nothing.)
+REF_KL_KEYS = ("kl/ref", "kl/mean")
+# (panel title, metric names tried in order, text shown when none was logged)
+PLOT_KEYS = (("reward", ("reward_mean",), "no reward logged"),
+             ("held-out accuracy", ("eval/accuracy",), "no evaluation in this run"),
+             ("KL(π‖π_ref)", REF_KL_KEYS, "no reference KL in this run"),
+             ("entropy", ("entropy/mean",), "no entropy logged"),
+             ("response length", ("response_length",), "no lengths logged"))
+NONFINITE_KEY = "nonfinite_metrics"
 
 
 def _scalar(v):
@@ -34,6 +46,10 @@ def _scalar(v):
         value = arr.reshape(()).item()
         return value
     return None
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class RunLogger:
@@ -47,6 +63,8 @@ class RunLogger:
         self._start = time.monotonic()
         self._tb = None
         self.history: list[dict] = []
+        self.nonfinite: dict[str, int] = {}      # metric name -> rows where it was NaN/inf
+        self.plotted: dict[str, str | None] = {}  # plot panel -> metric shown (see plot)
         if self.primary:
             os.makedirs(run_dir, exist_ok=True)
             self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
@@ -61,18 +79,27 @@ class RunLogger:
     def log(self, step: int, metrics: dict) -> dict:
         """Writes one record; returns the scalarised metrics."""
         row = {"step": int(step), "time": round(time.monotonic() - self._start, 3)}
+        bad = 0
         for k, v in metrics.items():
             s = _scalar(v)
-            if s is not None and not (isinstance(s, float) and math.isnan(s) and False):
+            if isinstance(s, float) and not math.isfinite(s):
+                bad += 1
+                self.nonfinite[k] = self.nonfinite.get(k, 0) + 1
+                if self.nonfinite[k] == 1 and self.primary:
+                    log.warning("metric %r is %s at step %d (recorded as null in "
+                                "metrics.jsonl; counted in %r)", k, s, step, NONFINITE_KEY)
+                row[k] = None
+            elif s is not None:
                 row[k] = s
+        row[NONFINITE_KEY] = bad
         self.history.append(row)
         if not self.primary:
             return row
-        self._jsonl.write(json.dumps(row, default=float) + "\n")
+        self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
+                if isinstance(v, (int, float)) and k not in ("step", NONFINITE_KEY):
                     self._tb.add_scalar(k, v, step)
         if self.console:
             self._progress(step, row)
@@ -89,7 +116,9 @@ class RunLogger:
         for key, label in (("reward_mean", "reward"), ("eval/accuracy", "acc"),
                            ("tokens_per_s", "tok/s"), ("sft_loss", "loss")):
             if key in row:
-                parts.append(f"{label} {row[key]:.3g}")
+                value = row[key]
+                parts.append(f"{label} {value:.3g}" if isinstance(value, (int, float))
+                             else f"{label} {'n/a' if value is None else value}")
         parts.append(f"ETA {eta:,.0f}s" if step > 0 else "warm-up")
         print(" | ".join(parts), file=self.stream, flush=True)
 
@@ -110,7 +139,12 @@ class RunLogger:
         return text
 
     def plot(self, path: str | None = None) -> str | None:
-        """PNG of reward / accuracy / KL / entropy / response length over steps."""
+        """PNG of reward / accuracy / KL to the reference / entropy / response length.
+
+        Each panel plots the first of its metric names that was logged (``PLOT_KEYS``)
+        and otherwise says that the run has none. :attr:`plotted` records, per panel
+        title, the metric name used (None for an empty panel).
+        """
         if not self.primary:
             return None
         try:
@@ -122,11 +156,17 @@ class RunLogger:
             return None
         path = path or os.path.join(self.run_dir, "curves.png")
         fig, axes = plt.subplots(1, len(PLOT_KEYS), figsize=(4 * len(PLOT_KEYS), 3))
-        for ax, (title, key) in zip(axes, PLOT_KEYS):
-            pts = [(r["step"], r[key]) for r in self.history if isinstance(r.get(key), (int, float))]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="." if len(xs) < 30 else None)
+        self.plotted = {}
+        for ax, (title, keys, missing) in zip(axes, PLOT_KEYS):
+            key = next((k for k in keys if any(_number(r.get(k)) for r in self.history)), None)
+            self.plotted[title] = key
+            if key is None:
+                ax.text(0.5, 0.5, missing, ha="center", va="center", transform=ax.transAxes,
+                        color="gray")
+            else:
+                xs, ys = zip(*[(r["step"], r[key]) for r in self.history if _number(r.get(key))])
+                ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=key)
+                ax.legend(loc="best", fontsize="small")
             ax.set_title(title)
             ax.set_xlabel("step")
         fig.tight_layout()

@@ -31,6 +31,7 @@ import os
 import pickle
 import signal
 import struct
+import sys
 import threading
 from multiprocessing.connection import Connection
 
@@ -238,7 +239,10 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     os.environ[WORKER_ENV] = "1"
     if memory_limit > 0:
-        limit_memory(memory_limit)
+        try:
+            limit_memory(memory_limit)
+        except (ImportError, ValueError, OSError) as e:  # e.g. a platform without RLIMIT_AS
+            print(f"rlx reward worker: no memory limit ({type(e).__name__}: {e})", file=sys.stderr)
     progress = Progress(mmap.mmap(progress_fd, 8))
     os.close(progress_fd)
     serve(Connection(sock_fd), progress, use_alarm=hasattr(signal, "setitimer"))

@@ -128,12 +128,15 @@ class _ProcessWorker:
             paths.append(env["PYTHONPATH"])
         env["PYTHONPATH"] = os.pathsep.join(paths)
         env[WORKER_ENV] = "1"
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(var, "1")  # parallelism is the pool's; one BLAS thread per worker
         fds = (child_sock.fileno(), self._file.fileno())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rlx.rewards._worker_main", *map(str, fds), str(memory_limit_bytes)],
             pass_fds=fds,
             env=env,
             stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: a kill takes the reward's children too
         )
         child_sock.close()
         self.started = time.monotonic()
@@ -158,7 +161,10 @@ class _ProcessWorker:
             except (OSError, subprocess.TimeoutExpired):
                 kill = True
         if kill and self.proc.poll() is None:
-            self.proc.kill()
+            try:  # not yet reaped, so the group id is still this worker's
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                self.proc.kill()
             self.proc.wait()
         self.conn.close()
         self.progress.buf.close()
@@ -207,6 +213,7 @@ class _Running:
     chunk_id: int
     seen: tuple[int, int] | None
     since: float
+    sent: float
 
 
 @gin.configurable(module="rlx.rewards")
@@ -448,7 +455,8 @@ class RewardPool:
                     pending.appendleft(chunk)
                     self._replace(slot)
                     continue
-                busy[slot] = _Running(chunk, chunk_id, None, time.monotonic())
+                sent = time.monotonic()
+                busy[slot] = _Running(chunk, chunk_id, None, sent, sent)
             by_conn = {self._workers[s].conn: s for s in busy}
             ready = wait(list(by_conn), timeout=poll)
             now = time.monotonic()
@@ -482,7 +490,7 @@ class RewardPool:
                     continue
                 run = busy[slot]
                 if not w.ready:
-                    if now - w.started > self.startup_timeout_s:
+                    if now - max(w.started, run.sent) > self.startup_timeout_s:
                         busy.pop(slot)
                         reason = f"worker did not start within {self.startup_timeout_s:g}s"
                         self._lost(slot, run, FAILED, reason, pending, values, status, log)

@@ -44,6 +44,13 @@ FAULTS = """
             held = []
             while True:
                 held.append(np.ones(16 * 2**20, np.uint8))
+        if kind == "spawn_and_hang":  # a child process, then a hang: the kill must take both
+            import subprocess
+            child = subprocess.Popen(["sleep", "60"])
+            with open(problem.meta["pidfile"], "w") as f:
+                f.write(str(child.pid))
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            time.sleep(60)
         if kind == "rlimit":
             import resource
             return resource.getrlimit(resource.RLIMIT_AS)[0] / 2**20
@@ -154,6 +161,25 @@ def test_a_leak_hits_the_workers_memory_limit_not_the_trainers(faults_file):
         assert all("MemoryError" in e for e in r.errors), r.errors
         assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KiB
         assert pool.restarts == 0 and pool.score(["8"], [P]).components[0, 0] == 8
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_killing_a_hung_worker_also_kills_the_processes_its_reward_started(pool, tmp_path):
+    pidfile = tmp_path / "child.pid"
+    r = pool.score(["spawn_and_hang", "1"], [Problem("", "0", {"pidfile": str(pidfile)}), P])
+    assert r.timeouts == 1 and r.components[1, 0] == 1
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(child)
 
 
 @pytest.fixture(scope="module")

@@ -192,3 +192,27 @@ def test_batched_flag_and_decorator():
         reward_spec(("format",), batched=("sorting",))
     # In-process scoring of one sample calls a batched function with one-element lists.
     assert RewardSpec((RewardComponent("m", fn=many),)).score("x", P)[0] == 1.0
+
+
+def test_gin_names_a_user_reward_and_configures_the_pool(user_dir):
+    import gin
+
+    d, name = user_dir
+    path = f"{d / name}.py"
+    with gin.unlock_config():
+        gin.parse_config(f"""
+            rlx.rewards.reward_spec.names = ("{path}:lengths", "{path}:undecorated_batch")
+            rlx.rewards.reward_spec.weights = (1.0, 10.0)
+            rlx.rewards.reward_spec.batched = ("{path}:undecorated_batch",)
+            rlx.rewards.RewardPool.num_workers = 1
+            rlx.rewards.RewardPool.failure_value = -2.0
+            rlx.rewards.RewardPool.memory_limit_mb = 1024
+        """)
+    try:
+        with RewardPool(reward_spec()) as pool:
+            assert (pool.backend, pool.failure_value, pool.memory_limit_mb) == ("process", -2.0, 1024.0)
+            r = pool.score(["abc", "x"], [P, P])
+    finally:
+        gin.clear_config()
+    np.testing.assert_array_equal(r.components, [[3.0, 1.0], [1.0, 0.0]])
+    np.testing.assert_array_equal(r.scores, [13.0, 1.0])

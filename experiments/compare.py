@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _run(config: str, params: list[str]) -> dict:
-    from rlx.train.cli import train_main
+    from rlx.cli import train_main
 
     gin.clear_config()
     return train_main([os.path.join(HERE, "configs", f"{config}.gin")], params)

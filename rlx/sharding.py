@@ -11,7 +11,14 @@ Batches are sharded over ("data", "fsdp") on their leading (row) dimension.
 Partition rules map a parameter path (see ``rlx/models/transformer.py``) to a
 ``PartitionSpec`` over those axes. A dimension whose size is not divisible by the
 product of its mesh axes is replicated instead (recorded by ``explain``), so any
-preset runs on any mesh shape.
+preset runs on any mesh shape. The rules in force come from ``partition_rules()``,
+which gin configures: ``rlx.sharding.partition_rules.extra`` puts rules in front of
+the built-in ``PARAM_RULES`` (first match wins, so they override), and
+``rlx.sharding.partition_rules.rules`` replaces them, e.g.
+
+    rlx.sharding.partition_rules.extra = (("embed/embedding$", (None, "fsdp")),)
+
+The mesh shape is set by the recipe (``rlx.Experiment.mesh_shape``).
 
 ``jax.pmap`` is in maintenance mode in current JAX: data parallelism is expressed as
 ``jit`` over sharded arrays, and ``shard_map`` with the ``BATCH_AXES`` axis names where
@@ -47,7 +54,43 @@ PARAM_RULES: tuple[tuple[str, tuple[Any, ...]], ...] = (
 )
 
 
-@gin.configurable
+def _check_rules(rules, field: str) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    out = []
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, (tuple, list)) or len(rule) != 2:
+            raise ValueError(f"partition_rules.{field}[{i}]={rule!r}: expected a pair "
+                             "(path regex, spec)")
+        pattern, spec = rule
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise ValueError(f"partition_rules.{field}[{i}]: bad path regex "
+                             f"{pattern!r}: {err}") from None
+        if not isinstance(spec, (tuple, list)):
+            raise ValueError(f"partition_rules.{field}[{i}]: spec {spec!r} must be a tuple "
+                             "with one entry per array dimension")
+        for ax in spec:
+            names = ax if isinstance(ax, (tuple, list)) else (ax,)
+            if ax is not None and any(a not in AXES for a in names):
+                raise ValueError(f"partition_rules.{field}[{i}]: spec {tuple(spec)!r} "
+                                 f"names {ax!r}; mesh axes are {AXES} (or None)")
+        out.append((pattern, tuple(tuple(a) if isinstance(a, list) else a for a in spec)))
+    return tuple(out)
+
+
+@gin.configurable(module="rlx.sharding")
+def partition_rules(rules: Sequence = PARAM_RULES, *, extra: Sequence = ()
+                    ) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """The partition rules in force: ``extra + rules`` (first match wins), validated.
+
+    Each rule is ``(regex on the '/'-joined parameter path, spec)`` where the spec has
+    one entry per array dimension: a mesh axis of ``AXES``, a tuple of axes, or None
+    (replicated); missing trailing entries are None. Raises ValueError naming a rule
+    with a bad regex or an unknown axis.
+    """
+    return _check_rules(extra, "extra") + _check_rules(rules, "rules")
+
+
 def make_mesh(shape: Sequence[int] | None = None, *, axes: Sequence[str] = AXES,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh of ``shape`` (default: all devices on ``data``) over ``axes``.
@@ -89,11 +132,11 @@ def _axis_size(mesh: Mesh, axes) -> int:
     return int(np.prod([mesh.shape[a] for a in axes]))
 
 
-def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh,
-             rules=PARAM_RULES) -> P:
-    """PartitionSpec for one parameter (replicating non-divisible dims)."""
+def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules=None) -> P:
+    """PartitionSpec for one parameter (replicating non-divisible dims); ``rules``
+    default to ``partition_rules()``."""
     path = re.sub(r"/value$", "", path)  # nnx.Variable leaves flatten to .../value
-    for pattern, spec in rules:
+    for pattern, spec in (partition_rules() if rules is None else rules):
         if re.search(pattern, path):
             spec = tuple(spec) + (None,) * (len(shape) - len(spec))
             spec = spec[:len(shape)]
@@ -103,9 +146,12 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh,
     return P()
 
 
-def param_shardings(params, mesh: Mesh, rules=PARAM_RULES):
+def param_shardings(params, mesh: Mesh, rules=None):
     """A pytree of NamedShardings matching ``params`` (any pytree whose paths end in
-    parameter names — optimizer states that mirror params get the same specs)."""
+    parameter names — optimizer states that mirror params get the same specs);
+    ``rules`` default to ``partition_rules()``."""
+    rules = partition_rules() if rules is None else rules
+
     def one(path, x):
         shape = getattr(x, "shape", ())
         return NamedSharding(mesh, spec_for(path_string(path), tuple(shape), mesh, rules))
@@ -142,8 +188,9 @@ def shard_batch(batch, mesh: Mesh):
     return jax.tree.map(put, batch)
 
 
-def explain(params, mesh: Mesh, rules=PARAM_RULES) -> list[str]:
+def explain(params, mesh: Mesh, rules=None) -> list[str]:
     """Human-readable table of path -> shape -> spec (for logs and BUILD_NOTES)."""
+    rules = partition_rules() if rules is None else rules
     lines = []
     def one(path, x):
         s = path_string(path)
@@ -156,9 +203,10 @@ def data_parallel_size(mesh: Mesh) -> int:
     return _axis_size(mesh, BATCH_AXES)
 
 
-def state_shardings(state, mesh: Mesh, rules=PARAM_RULES):
+def state_shardings(state, mesh: Mesh, rules=None):
     """Shardings for a whole training state: parameter-like leaves (params and the
-    optimizer moments that mirror them) by the rules, everything else replicated."""
+    optimizer moments that mirror them) by the rules (default ``partition_rules()``,
+    i.e. the gin-configured ones), everything else replicated."""
     return param_shardings(state, mesh, rules)
 
 

@@ -6,7 +6,7 @@ import os
 import gin
 import pytest
 
-from rlx.train import cli as train_cli
+from rlx import cli
 
 TINY = [
     'rlx.Experiment.model = "tiny"',
@@ -34,7 +34,7 @@ def _clean_gin():
 def test_default_experiment_smoke_run_produces_outputs_and_resumes(tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     params = TINY + [f'rlx.Experiment.run_dir = "{run_dir}"']
-    summary = train_cli.train_main(gin_params=params)
+    summary = cli.train_main(gin_params=params)
     for name in ("metrics.jsonl", "summary.json", "operative_config.gin", "samples.md",
                  "tokenizer.model", "hf_export/config.json"):
         assert os.path.exists(os.path.join(run_dir, name)), name
@@ -50,7 +50,7 @@ def test_default_experiment_smoke_run_produces_outputs_and_resumes(tmp_path, cap
 
     # Same command with more steps: resumes at iteration 2 (SFT skipped, restored).
     gin.clear_config()
-    train_cli.train_main(gin_params=params + ["rlx.train.RLConfig.steps = 3"])
+    cli.train_main(gin_params=params + ["rlx.train.RLConfig.steps = 3"])
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [r["step"] for r in rows if r["step"] > 0] == [1, 2, 3]
 
@@ -58,25 +58,24 @@ def test_default_experiment_smoke_run_produces_outputs_and_resumes(tmp_path, cap
 def test_unknown_gin_binding_fails_before_anything_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                    # the default run_dir is relative
     with pytest.raises(ValueError, match="no_such_field"):
-        train_cli.train_main(gin_params=["rlx.Experiment.no_such_field = 3"])
+        cli.train_main(gin_params=["rlx.Experiment.no_such_field = 3"])
     with pytest.raises(ValueError, match="NoSuchThing"):
-        train_cli.train_main(gin_params=["NoSuchThing.x = 1"])
+        cli.train_main(gin_params=["NoSuchThing.x = 1"])
     assert not os.path.exists(tmp_path / "runs")   # nothing was created
 
 
 def test_missing_gin_file_is_named(tmp_path):
     with pytest.raises(ValueError, match="missing.gin"):
-        train_cli.parse_config([str(tmp_path / "missing.gin")])
+        cli.parse_config([str(tmp_path / "missing.gin")])
 
 
 def test_unknown_objective_lists_presets():
-    from rlx.experiment import objective_by_name
+    from rlx.recipes.components import objective_by_name
     with pytest.raises(ValueError, match="unknown objective 'grpoo'.*grpo"):
         objective_by_name("grpoo")
 
 
 def test_rlx_train_help_via_cli():
-    from rlx import cli
     with pytest.raises(SystemExit) as err:
         cli.main(["train", "--help"])
     assert err.value.code == 0
@@ -86,7 +85,7 @@ def test_ppo_experiment_trains_a_separate_critic(tmp_path):
     run_dir = str(tmp_path / "ppo")
     params = TINY + [f'rlx.Experiment.run_dir = "{run_dir}"', 'rlx.Experiment.objective = "ppo"',
                      "rlx.Experiment.export_hf = False"]
-    train_cli.train_main(gin_params=params)
+    cli.train_main(gin_params=params)
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     rl_rows = [r for r in rows if r["step"] > 0]
     assert all("value_loss" in r and "loss" in r for r in rl_rows)
@@ -113,7 +112,7 @@ def test_user_jsonl_data_and_hf_checkpoint_path(tmp_path):
                      f'rlx.Experiment.data_file = "{data}"',
                      'rlx.Experiment.rewards = ("numeric_exact_match",)',
                      "rlx.Experiment.sft_steps = 0", "rlx.Experiment.export_hf = False"]
-    summary = train_cli.train_main(gin_params=params)
+    summary = cli.train_main(gin_params=params)
     assert summary["rl_steps"] == 2
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert any("reward/numeric_exact_match" in r for r in rows)
@@ -123,16 +122,17 @@ def test_malformed_user_data_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": 3}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2"):
-        train_cli.train_main(gin_params=TINY + [f'rlx.Experiment.data_file = "{bad}"',
+        cli.train_main(gin_params=TINY + [f'rlx.Experiment.data_file = "{bad}"',
                                                 f'rlx.Experiment.run_dir = "{tmp_path}/r"'])
 
 
 @pytest.mark.parametrize("name", ["grpo", "dapo", "dr_grpo", "gspo", "rloo", "reinforce_pp",
                                   "r2vpo", "bapo", "ppo"])
 def test_experiment_configs_parse_and_name_a_known_objective(name):
-    from rlx.experiment import Experiment, objective_by_name
+    from rlx.recipes.components import objective_by_name
+    from rlx.recipes.experiment import Experiment
     here = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
-    train_cli.parse_config([os.path.join(here, f"{name}.gin")])
+    cli.parse_config([os.path.join(here, f"{name}.gin")])
     exp = Experiment()
     assert exp.objective == name and exp.run_dir == f"runs/{name}"
     objective_by_name(exp.objective)
@@ -144,7 +144,7 @@ def test_shared_prefix_update_matches_naive_layout_in_the_loop(tmp_path, objecti
     for layout in (False, True):
         gin.clear_config()
         run_dir = str(tmp_path / f"{objective}_{layout}")
-        train_cli.train_main(gin_params=TINY + [
+        cli.train_main(gin_params=TINY + [
             f'rlx.Experiment.run_dir = "{run_dir}"', f'rlx.Experiment.objective = "{objective}"',
             "rlx.Experiment.export_hf = False", "rlx.train.RLConfig.steps = 1",
             f"rlx.train.RLConfig.shared_prefix_update = {layout}"])
@@ -184,7 +184,7 @@ def test_sft_batches_round_widths_and_mask_only_the_demonstration(tmp_path):
     import numpy as np
 
     from rlx.data.tokenizer import train_sentencepiece
-    from rlx.experiment import sft_batches
+    from rlx.recipes.sft import sft_batches
     from rlx.tasks import get_task
     from rlx.tasks.arithmetic import worked_solution
     task = get_task("arithmetic", digits=(1, 2), operators=("+", "-"), worked_fraction=0.5)
@@ -213,7 +213,7 @@ def test_sft_batches_round_widths_and_mask_only_the_demonstration(tmp_path):
 
 
 def test_run_sft_compiles_one_step_per_batch_shape(tmp_path, monkeypatch):
-    from rlx import experiment as E
+    from rlx.recipes import sft as E
     from rlx import sharding as sh
     from rlx.data.tokenizer import train_sentencepiece
     from rlx.models import api

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from rlx import rlhf_cli
+from rlx import cli
 
 TINY = [
     'rlx.Experiment.model = "tiny"',
@@ -46,7 +46,7 @@ def test_rlhf_smoke_run_trains_reward_model_then_rl_against_it(tmp_path, capsys)
                      "rlx.RLHFExperiment.eval_pairs = 8",
                      "rlx.RLHFExperiment.rm_steps = 3",
                      "rlx.RLHFExperiment.rm_batch = 8"]
-    summary = rlhf_cli.preference_main("rlhf", gin_params=params)
+    summary = cli.preference_main("rlhf", gin_params=params)
     for name in ("summary.json", "operative_config.gin", "metrics.jsonl",
                  "reward_model", "checkpoints"):
         assert os.path.exists(os.path.join(run_dir, name)), name
@@ -63,7 +63,7 @@ def test_rlhf_smoke_run_trains_reward_model_then_rl_against_it(tmp_path, capsys)
 
 
 def test_saved_phase_results_are_reused_by_the_same_command(tmp_path):
-    from rlx import rlhf
+    from rlx.recipes import prepare
 
     calls = []
     params = {"w": np.arange(3, dtype=np.float32)}
@@ -72,12 +72,12 @@ def test_saved_phase_results_are_reused_by_the_same_command(tmp_path):
         calls.append(1)
         return {"w": params["w"] + 1}, {"rm/accuracy": 0.75}
 
-    first = rlhf._cached(str(tmp_path / "rm"), params, compute, step=5)
-    again = rlhf._cached(str(tmp_path / "rm"), params, compute, step=5)
+    first = prepare.cached(str(tmp_path / "rm"), params, compute, step=5)
+    again = prepare.cached(str(tmp_path / "rm"), params, compute, step=5)
     assert len(calls) == 1
     np.testing.assert_array_equal(np.asarray(again[0]["w"]), [1, 2, 3])
     assert first[1] == again[1] == {"rm/accuracy": 0.75}
-    skipped = rlhf._cached(str(tmp_path / "none"), params, compute, skip=True)
+    skipped = prepare.cached(str(tmp_path / "none"), params, compute, skip=True)
     assert skipped == (params, {}) and len(calls) == 1
 
 
@@ -88,7 +88,7 @@ def test_dpo_smoke_run_reports_accuracy_before_and_after(tmp_path):
                      "rlx.DPOExperiment.eval_pairs = 8",
                      "rlx.DPOExperiment.dpo_steps = 3",
                      "rlx.DPOExperiment.dpo_batch = 8"]
-    summary = rlhf_cli.preference_main("dpo", gin_params=params)
+    summary = cli.preference_main("dpo", gin_params=params)
     assert os.path.exists(os.path.join(run_dir, "dpo"))
     assert os.path.exists(os.path.join(run_dir, "summary.json"))
     dpo_rows = [r for r in _rows(run_dir) if "pref_loss" in r]
@@ -100,8 +100,8 @@ def test_dpo_smoke_run_reports_accuracy_before_and_after(tmp_path):
 
 
 def test_user_preference_file_replaces_synthetic_pairs(tmp_path):
-    from rlx import rlhf
-    from rlx.train.cli import parse_config
+    from rlx.recipes import rlhf
+    parse_config = cli.parse_config
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"{a}+1=", "chosen": str(a + 1),
@@ -128,8 +128,8 @@ def test_user_preference_file_replaces_synthetic_pairs(tmp_path):
 
 @pytest.mark.parametrize("kind", ["rlhf", "dpo"])
 def test_configs_parse_and_cli_registers_commands(kind):
-    from rlx import cli, rlhf
-    from rlx.train.cli import parse_config
+    from rlx.recipes import rlhf
+    parse_config = cli.parse_config
 
     here = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
     parse_config([os.path.join(here, f"{kind}.gin")])
@@ -142,22 +142,23 @@ def test_configs_parse_and_cli_registers_commands(kind):
 
 
 def test_ppo_option_gets_a_critic_from_the_sft_trunk():
-    from rlx import rlhf
-    from rlx.experiment import Experiment
     from rlx.models import api
     from rlx.models.config import model_config
+    from rlx.recipes import prepare
+    from rlx.recipes.components import resolve_objective
+    from rlx.recipes.experiment import Experiment
 
+    assert resolve_objective("ppo").separate_critic
+    assert not resolve_objective("grpo").separate_critic
     cfg = model_config("tiny", vocab_size=32, num_layers=1)
     _, params = api.init(cfg, seed=5)
-    objective, critic = rlhf.objective_and_critic(Experiment(objective="ppo"), cfg, params)
-    assert critic is not None and critic.graphdef is not None
+    critic = prepare.make_critic(Experiment(objective="ppo"), cfg, params)
+    assert critic.graphdef is not None
     same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), critic.state.params["trunk"],
                         params["trunk"])
     assert all(jax.tree.leaves(same))
-    objective, critic = rlhf.objective_and_critic(Experiment(objective="grpo"), cfg, params)
-    assert critic is None
 
 
 def test_unknown_preference_binding_fails_before_anything_runs():
     with pytest.raises(ValueError, match="rm_stepz"):
-        rlhf_cli.preference_main("rlhf", gin_params=["rlx.RLHFExperiment.rm_stepz = 3"])
+        cli.preference_main("rlhf", gin_params=["rlx.RLHFExperiment.rm_stepz = 3"])

@@ -11,6 +11,7 @@ from rlx.data.tokenizer import train_sentencepiece
 from rlx.models import api
 from rlx.models.config import model_config
 from rlx.tasks import get_task
+from rlx.recipes import preference_data as pd
 from rlx.train import preference as pf
 
 TASKS = [("arithmetic", {"digits": (1, 3)}), ("countdown", {}), ("sorting", {})]
@@ -24,7 +25,7 @@ def setup(tmp_path_factory):
     problems = task.train(200, seed=0)
     tok = train_sentencepiece([q.prompt + q.answer for q in problems], vocab_size=40,
                               model_prefix=str(tmp_path_factory.mktemp("tok") / "tok"))
-    pairs = pf.make_preference_pairs(task, problems[:16], rng=random.Random(0))
+    pairs = pd.make_preference_pairs(task, problems[:16], rng=random.Random(0))
     cfg = model_config("tiny", vocab_size=tok.vocab_size, num_layers=1)
     return task, tok, pairs, cfg
 
@@ -33,7 +34,7 @@ def setup(tmp_path_factory):
 def test_chosen_is_verified_correct_and_rejected_verified_wrong(name, kwargs):
     task = get_task(name, **kwargs)
     problems = task.train(30, seed=1)
-    pairs = pf.make_preference_pairs(task, problems, rng=random.Random(0), pairs_per_problem=2)
+    pairs = pd.make_preference_pairs(task, problems, rng=random.Random(0), pairs_per_problem=2)
     assert len(pairs) >= 40
     spec = task.reward_spec()
     for p in pairs:
@@ -45,30 +46,30 @@ def test_chosen_is_verified_correct_and_rejected_verified_wrong(name, kwargs):
     for p in pairs:
         per_problem.setdefault(p.prompt, []).append(p.rejected)
     assert all(len(set(r)) == len(r) for r in per_problem.values())   # distinct rejects
-    again = pf.make_preference_pairs(task, problems, rng=random.Random(0), pairs_per_problem=2)
+    again = pd.make_preference_pairs(task, problems, rng=random.Random(0), pairs_per_problem=2)
     assert [(p.prompt, p.rejected) for p in again] == [(p.prompt, p.rejected) for p in pairs]
 
 
 def test_corruption_kinds_make_the_documented_edits():
     rng = random.Random(0)
     for _ in range(50):
-        out = pf.corrupt("x 40 y", "offset", rng)
+        out = pd.corrupt("x 40 y", "offset", rng)
         assert out.startswith("x ") and out.endswith(" y")
         assert 1 <= abs(int(out[2:-2]) - 40) <= 3
-    assert pf.corrupt("123", "digit_swap", rng) in ("213", "132")
-    assert pf.corrupt("77", "digit_swap", rng) is None        # nothing differs to swap
-    assert pf.corrupt("1 2", "number_swap", rng) == "2 1"
-    assert pf.corrupt("5 5", "number_swap", rng) is None
-    assert pf.corrupt("56", "format", rng) in ("5", "6", "5656")
-    for kind in pf.CORRUPTIONS:
-        assert pf.corrupt("no digits", kind, rng) is None
+    assert pd.corrupt("123", "digit_swap", rng) in ("213", "132")
+    assert pd.corrupt("77", "digit_swap", rng) is None        # nothing differs to swap
+    assert pd.corrupt("1 2", "number_swap", rng) == "2 1"
+    assert pd.corrupt("5 5", "number_swap", rng) is None
+    assert pd.corrupt("56", "format", rng) in ("5", "6", "5656")
+    for kind in pd.CORRUPTIONS:
+        assert pd.corrupt("no digits", kind, rng) is None
     with pytest.raises(ValueError, match="corruption kind 'typo'"):
-        pf.corrupt("1", "typo", rng)
+        pd.corrupt("1", "typo", rng)
     task = get_task("arithmetic")
     with pytest.raises(ValueError, match="corruptions=.*typo"):
-        pf.make_preference_pairs(task, task.train(2), rng=rng, corruptions=("typo",))
+        pd.make_preference_pairs(task, task.train(2), rng=rng, corruptions=("typo",))
     with pytest.raises(ValueError, match="pairs_per_problem must be >= 1"):
-        pf.make_preference_pairs(task, task.train(2), rng=rng, pairs_per_problem=0)
+        pd.make_preference_pairs(task, task.train(2), rng=rng, pairs_per_problem=0)
 
 
 def test_problem_whose_demonstration_fails_the_verifier_is_skipped():
@@ -82,7 +83,7 @@ def test_problem_whose_demonstration_fails_the_verifier_is_skipped():
 
     bad = Problem("1+1=", "2", {"written": "3"})
     good = Problem("1+2=", "3", {"written": "3"})
-    pairs = pf.make_preference_pairs(BadData(), [bad, good], rng=random.Random(0))
+    pairs = pd.make_preference_pairs(BadData(), [bad, good], rng=random.Random(0))
     assert {p.prompt for p in pairs} == {"1+2="}
 
 

@@ -1,0 +1,130 @@
+"""The default experiment: tokenizer → model → SFT warm-up → eval → RL → eval → export.
+
+``Experiment`` (gin: ``rlx.Experiment``) is the gin-configurable constructor of a
+whole run; its defaults are the embedded default experiment (``rlx train`` with no
+arguments): one- and two-digit addition and subtraction with a small model on CPU,
+warm-started on worked column solutions from a sloppy teacher who forgets to carry the
+one in 60% of its demonstrations (``rlx.tasks.arithmetic``), then GRPO against an exact
+verifier, which has to unlearn the slip. Every field can be overridden from a gin file
+or ``--gin_param``; ``run`` is the recipe, built from the shared steps of
+``rlx.recipes.prepare``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import gin
+
+from rlx.recipes import prepare
+from rlx.sampling.config import SamplerConfig
+from rlx.train import rl
+
+
+@gin.configurable(module="rlx")
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """One experiment. Defaults = the embedded default (CPU, minutes).
+
+    Each setting has one owner: where this class names a setting (learning rates,
+    rollout shape, mesh), the lower-level parameter it sets (``rlx.train.optimizer``'s
+    ``learning_rate``, ``SamplerConfig.temperature``, ...) cannot be bound as well; a run
+    refuses such bindings before building anything (``rlx.recipes.bindings``).
+
+    Attributes:
+      run_dir: where checkpoints, metrics, plots, samples and exports go.
+      task: a registered task name (``rlx.tasks.available_tasks()``), a dotted import
+        path to a ``Task`` class or factory (``"my_pkg.tasks.MyTask"``), or a ``Task``
+        (a gin reference ``@my_pkg.MyTask()``).
+      task_kwargs: the task's constructor arguments; None means the default
+        experiment's (``prepare.DEFAULT_TASK_KWARGS``) for ``"arithmetic"`` and none for
+        any other task.
+      train_problems / eval_problems: sizes of the train pool and held-out set.
+      model: a model preset (``rlx.models.config.PRESETS``); ``model_overrides`` edits it
+        (or the ``hf_checkpoint``'s config).
+      tokenizer: path of a tokenizer (.model or tokenizer.json folder), or None to train
+        a SentencePiece model on the task's demonstrations.
+      tokenizer_vocab: vocabulary size when training one.
+      sft_steps / sft_batch / sft_lr: supervised warm-up on demonstrations (0 = skip).
+      objective: a preset name of ``rlx.objectives`` (configure it with its own
+        bindings, e.g. ``rlx.objectives.dapo.eps_high = 0.3``), a dotted import path
+        ``"my_pkg.my_objective"`` to an ``Objective`` or a function returning one, or an
+        ``Objective`` (a gin reference ``@my_pkg.my_objective()``);
+        ``rlx.recipes.components``. ``"ppo"`` trains a separate critic.
+      rl_lr: learning rate of the RL phase (the other AdamW settings:
+        ``rlx.train.optimizer``).
+      critic_lr: learning rate of PPO's separately trained critic.
+      num_generations / max_new_tokens / temperature: rollout shape (G, T, τ); the
+        owners of the same fields of ``sampler``.
+      sampler: the other sampling controls (``rlx.sampling.config.SamplerConfig``:
+        top_k, top_p, min_p, prefix_cache, buckets, ...; its ``stop_token_ids`` are
+        added to the tokenizer's stop ids).
+      rl: loop sizes (``rlx.train.RLConfig``; its defaults are the default experiment's).
+      mesh_shape: (data, fsdp, tensor) or None for all devices on ``data`` (partition
+        rules: ``rlx.sharding.partition_rules``).
+      export_hf: write the final policy as a Hugging Face folder.
+      seed: the run's one seed (problems, tokenizer corpus, init, SFT order, data
+        order; the RL sampling keys derive from the training state's key).
+      hf_checkpoint: start from a Hugging Face folder (config.json + safetensors, its
+        tokenizer too unless ``tokenizer`` is given) instead of a random ``model``.
+      data_file / eval_file: user prompts as JSON Lines or Parquet records
+        ``{"prompt", "answer"}`` (``rlx.data.records``) instead of ``task``; without
+        ``eval_file`` the last ``eval_problems`` records are held out.
+      rewards: reward functions (registry names or import paths) built with
+        ``rlx.rewards.reward_spec`` (bind its ``weights`` / ``kwargs``), or a
+        ``RewardSpec``; empty: the task's own spec (``math_answer`` for user data).
+      use_chat_template: wrap prompts with the tokenizer's chat template.
+    """
+
+    run_dir: str = "runs/default"
+    task: Any = "arithmetic"
+    task_kwargs: dict | None = None
+    train_problems: int = 4000
+    eval_problems: int = 200
+    model: str = "small"
+    model_overrides: dict = dataclasses.field(default_factory=dict)
+    tokenizer: str | None = None
+    tokenizer_vocab: int = 64
+    sft_steps: int = 600
+    sft_batch: int = 64
+    sft_lr: float = 3e-3
+    objective: Any = "grpo"
+    rl_lr: float = 1e-4
+    critic_lr: float = 1e-4
+    num_generations: int = 8
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
+    rl: rl.RLConfig = dataclasses.field(default_factory=rl.RLConfig)
+    mesh_shape: tuple | None = None
+    export_hf: bool = True
+    seed: int = 0
+    hf_checkpoint: str | None = None
+    data_file: str | None = None
+    eval_file: str | None = None
+    rewards: Any = ()
+    use_chat_template: bool = False
+
+
+def run(exp: Experiment) -> dict:
+    """Runs the whole experiment; returns the summary (also written to summary.json).
+
+    Settings, objective and task are checked before anything is written or compiled.
+    """
+    t_start = time.time()
+    planned = prepare.plan(exp)
+    p = prepare.prepare(exp, total_steps=exp.rl.steps, planned=planned)
+    try:
+        params, history, after = prepare.train_rl(exp, p, p.pool)
+        tokens = sum(r.get("response_length", 0) * exp.rl.prompts_per_step *
+                     p.sampler.num_generations for r in history)
+        rl_time = sum(r.get("time/iteration", 0.0) for r in history)
+        summary = {"accuracy_before_rl": p.before["eval/accuracy"],
+                   "accuracy_after_rl": after["eval/accuracy"],
+                   "rl_steps": exp.rl.steps, "objective": p.objective.label,
+                   "rl_tokens_per_s": tokens / rl_time if rl_time else 0.0}
+        return prepare.finish(exp, p, params, summary, t_start)
+    finally:
+        p.close()

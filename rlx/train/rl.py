@@ -88,6 +88,8 @@ class RLConfig:
       recompute_old_logp: run the separate old-policy forward even when the iteration
         makes one optimizer step on its own samples (it is skipped by default then,
         ``rlx.train.update``).
+      shard_map_update: compute the gradients under ``shard_map`` over the batch axes
+        with explicit cross-device sums (default); False = plain ``jit`` partitioning.
       checkpoint_every / checkpoint_minutes / keep_checkpoints: see ``Checkpointer``.
     """
 
@@ -103,6 +105,7 @@ class RLConfig:
     shared_prefix_update: bool = False
     logprob_temperature: float | None = None
     recompute_old_logp: bool = False
+    shard_map_update: bool = True
     checkpoint_every: int | None = 10
     checkpoint_minutes: float | None = None
     keep_checkpoints: int = 3
@@ -203,7 +206,7 @@ class RLTrainer:
             reuse_logp=False if config.recompute_old_logp else None,
             critic=(update_lib.CriticSpec(critic.graphdef, critic.tx, critic.clip_eps)
                     if critic is not None else None),
-            mesh=self.mesh)
+            mesh=self.mesh, shard_map=config.shard_map_update)
         self._compiled: dict = {}        # one compiled update per batch shape
         self.compilations = 0
 
@@ -256,13 +259,19 @@ class RLTrainer:
             texts = self._decode(rollout)
             t2 = time.perf_counter()
             scored = self.pool.score(texts, [q for q in problems for _ in range(g)])
+            if self.iteration_index == 0 and hasattr(scored, "raise_if_all_failed"):
+                scored.raise_if_all_failed()     # a reward broken on every call: stop now
+            bad = {k: getattr(scored, k, 0) for k in ("failures", "timeouts", "crashes")}
+            if any(bad.values()):
+                log.warning("iteration %d: reward calls failed %s; e.g. %s",
+                            self.iteration_index, bad, "; ".join(scored.errors[:2]))
             for name, dt in (("generate", t1 - t0), ("decode", t2 - t1),
                              ("reward", time.perf_counter() - t2)):
                 metrics[f"time/{name}"] = metrics.get(f"time/{name}", 0.0) + dt
             rewards = np.asarray(scored.scores, np.float32).reshape(p, g)
             components = np.asarray(scored.components, np.float32).reshape(p, g, -1)
             for k, v in scored.metrics().items():
-                if k.endswith(("failures", "timeouts", "seconds")):
+                if k.endswith(("failures", "timeouts", "crashes", "seconds")):
                     metrics[k] = metrics.get(k, 0.0) + v      # counts add up over rounds
                 else:
                     metrics[k] = v                            # means: the last round's

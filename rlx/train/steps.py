@@ -119,20 +119,50 @@ def _combine_metrics(stacked: dict) -> dict:
     return out
 
 
-def accumulate_gradients(loss_fn: LossFn, params, batch, num_microbatches: int = 1):
+def _global(x, axis_name):
+    """psum over ``axis_name`` (None: no-op)."""
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _invariant_metrics(metrics: dict, axis_name) -> dict:
+    """Metrics that still vary across the manual axes (a part computed a per-device
+    value) are averaged over them, so every device reports the same number."""
+    if axis_name is None:
+        return metrics
+    axes = set(axis_name if isinstance(axis_name, tuple) else (axis_name,))
+
+    def one(x):
+        vma = getattr(jax.typeof(x), "vma", frozenset())
+        return jax.lax.pmean(x, tuple(axes & set(vma))) if axes & set(vma) else x
+    return {k: one(v) for k, v in metrics.items()}
+
+
+def accumulate_gradients(loss_fn: LossFn, params, batch, num_microbatches: int = 1, *,
+                         axis_name=None):
     """Returns (grads, numerator, denominator, metrics) for the whole batch.
 
-    ``loss_fn(params, microbatch) -> (numerator, (denominator, metrics))``.
+    ``loss_fn(params, microbatch) -> (numerator, (denominator, metrics))`` with the
+    numerator and denominator summed over the rows the call sees. Under ``shard_map``
+    (``axis_name`` = the manual batch axes) the call sees this device's rows: the
+    gradient of the local numerator with respect to the replicated parameters is the
+    global one (shard_map transposes the implicit broadcast of the parameters into a
+    psum), and the numerator and denominator are psum-ed here.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def one(params, mb):
+        (num, (den, metrics)), g = grad_fn(params, mb)
+        return g, _global(num, axis_name), _global(den, axis_name), \
+            _invariant_metrics(metrics, axis_name)
+
     if num_microbatches == 1:
-        (num, (den, metrics)), grads = grad_fn(params, batch)
+        grads, num, den, metrics = one(params, batch)
     else:
         mbs = _microbatches(batch, num_microbatches)
 
         def body(carry, mb):
             g_acc, n_acc, d_acc = carry
-            (num, (den, metrics)), g = grad_fn(params, mb)
+            g, num, den, metrics = one(params, mb)
             g_acc = jax.tree.map(jnp.add, g_acc, g)
             return (g_acc, n_acc + num, d_acc + den), metrics
 
@@ -143,6 +173,29 @@ def accumulate_gradients(loss_fn: LossFn, params, batch, num_microbatches: int =
     scale = 1.0 / jnp.maximum(den, 1.0)
     grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
     return grads, num, den, metrics
+
+
+def sharded_gradients(loss_fn, params, batch, num_microbatches: int, *, mesh, axes):
+    """``accumulate_gradients`` under ``shard_map``: rows of ``batch`` split over the
+    manual batch ``axes`` of ``mesh`` (the other mesh axes, e.g. "tensor", are left to
+    the compiler), ``loss_fn(params, mb, axis_name)`` sees this device's rows and
+    takes exact cross-device statistics with ``axis_name``; parameters enter
+    replicated over ``axes`` (FSDP shards are gathered) and gradients, numerator,
+    denominator and metrics leave identical on every device."""
+    from jax.sharding import PartitionSpec as P
+
+    axes = tuple(a for a in axes if a in mesh.shape)
+    if not axes:
+        return accumulate_gradients(lambda p, mb: loss_fn(p, mb, None), params, batch,
+                                    num_microbatches)
+
+    def local(params, batch):
+        return accumulate_gradients(lambda p, mb: loss_fn(p, mb, axes), params, batch,
+                                    num_microbatches, axis_name=axes)
+
+    batch_specs = jax.tree.map(lambda x: P(axes) if jnp.ndim(x) else P(), batch)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), batch_specs),
+                         out_specs=(P(), P(), P(), P()), axis_names=set(axes))(params, batch)
 
 
 def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation,
@@ -158,7 +211,7 @@ def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation,
 # ------------------------------------------------------------------------------- steps
 def make_policy_step(graphdef, tx, objective: Objective, *, num_microbatches: int = 1,
                      temperature: float = 1.0, chunk_size: int = 512,
-                     reuse_logp: bool = False):
+                     reuse_logp: bool = False, mesh=None, data_axes=None):
     """Policy-gradient update for any composed objective (GRPO family, PPO actor…).
 
     ``batch`` is a ``RolloutBatch`` (naive layout: one row per rollout) or a
@@ -167,23 +220,30 @@ def make_policy_step(graphdef, tx, objective: Objective, *, num_microbatches: in
     ``reuse_logp``: the step is the only optimizer step on its own samples, so the
     behaviour log-probs are the current ones: ``old_logp = stop_gradient(logp)`` from
     this forward (ratio ≡ 1) instead of ``batch.policy.old_logp``.
+    ``mesh`` + ``data_axes``: compute the gradients under ``shard_map`` over those batch
+    axes (``sharded_gradients``), the objective taking exact cross-device statistics
+    with ``axis_name``; without them, plain ``jit`` semantics (the compiler partitions).
     """
 
     def step(state: TrainState, batch: RolloutBatch | PackedRolloutBatch):
         t = batch.completion_length
 
-        def loss_fn(params, mb):
+        def loss_fn(params, mb, axis_name=None):
             seq = mb.packed if isinstance(mb, PackedRolloutBatch) else mb.seq
             outputs = token_outputs(graphdef, params, seq, t, temperature=temperature,
                                     chunk_size=chunk_size)
             policy = mb.policy
             if reuse_logp:
                 policy = policy.replace(old_logp=jax.lax.stop_gradient(outputs.logp))
-            out = objective.loss(outputs, policy, state.objective_state)
+            out = objective.loss(outputs, policy, state.objective_state, axis_name=axis_name)
             return out.numerator, (out.denominator, out.metrics)
 
-        grads, num, den, metrics = accumulate_gradients(loss_fn, state.params, batch,
-                                                        num_microbatches)
+        if mesh is not None and data_axes:
+            grads, num, den, metrics = sharded_gradients(
+                loss_fn, state.params, batch, num_microbatches, mesh=mesh, axes=data_axes)
+        else:
+            grads, num, den, metrics = accumulate_gradients(loss_fn, state.params, batch,
+                                                            num_microbatches)
         obj_state = objective.update(state.objective_state, metrics)
         state, extra = apply_gradients(state, grads, tx, obj_state)
         metrics = {**metrics, **extra, "loss": num / jnp.maximum(den, 1.0),

@@ -122,11 +122,17 @@ def _reduce(stacked: dict, steps: int) -> dict:
 def make_update(graphdef, tx, objective: Objective, *, num_generations: int,
                 epochs: int = 1, minibatches: int = 1, microbatches: int = 1,
                 temperature: float = 1.0, reuse_logp: bool | None = None,
-                critic: CriticSpec | None = None, mesh=None, chunk_size: int = 512):
+                critic: CriticSpec | None = None, mesh=None, chunk_size: int = 512,
+                shard_map: bool = True):
     """Builds ``update(state, critic_state, ref_params, batch)`` (not yet jitted).
 
     reuse_logp: None = automatic (skip the old-policy forward exactly when
     epochs·minibatches = 1); False forces the separate pass (the two-pass path).
+    shard_map: compute each step's gradients under ``shard_map`` over the batch axes
+    of ``mesh`` with explicit psums (``steps.sharded_gradients``); False leaves the
+    partitioning of the whole step to the compiler (plain ``jit``). Both give the same
+    result; token selections that rank over "the batch" (forking tokens, D³S tokens)
+    rank per device under shard_map.
     """
     if epochs < 1 or minibatches < 1 or microbatches < 1:
         raise ValueError(f"epochs={epochs}, minibatches={minibatches}, "
@@ -141,7 +147,9 @@ def make_update(graphdef, tx, objective: Objective, *, num_generations: int,
     policy_step = steps_lib.make_policy_step(graphdef, tx, objective,
                                              num_microbatches=microbatches,
                                              temperature=temperature, chunk_size=chunk_size,
-                                             reuse_logp=reuse_logp)
+                                             reuse_logp=reuse_logp,
+                                             mesh=mesh if shard_map else None,
+                                             data_axes=sh.BATCH_AXES if shard_map else None)
     value_step = (steps_lib.make_value_step(critic.graphdef, critic.tx,
                                             clip_eps=critic.clip_eps,
                                             num_microbatches=microbatches)

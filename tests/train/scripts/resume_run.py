@@ -102,7 +102,7 @@ graphdef, params = api.init(config.model_config("tiny", vocab_size=tok.vocab_siz
 objective = presets.grpo(kl_coef=0.0)
 tx = optim.optimizer(learning_rate=1e-2)
 rl_config = RLConfig(steps=6, prompts_per_step=4, checkpoint_every=1, eval_every=0,
-                     log_samples_every=0, keep_checkpoints=3, seed=0)
+                     log_samples_every=0, keep_checkpoints=3)
 sampler = SamplerConfig(max_new_tokens=4, num_generations=4, stop_token_ids=(tok.eos_id,),
                         pad_id=tok.pad_id, prompt_buckets=(8,), completion_buckets=(4,))
 trainer = RLTrainer(
@@ -113,17 +113,17 @@ trainer = RLTrainer(
     logger=RunLogger(run_dir, total_steps=rl_config.steps, tensorboard=False, console=False))
 
 if pause_kind == "step":
-    _policy_step = trainer.policy_step
+    _update_step = trainer.update_step
 
-    def _paused_policy_step(batch):
-        metrics = _policy_step(batch)
+    def _paused_update_step(batch):
+        metrics = _update_step(batch)
         if trainer.iteration_index + 1 == int(pause_at):
             jax.block_until_ready(trainer.state)
             trainer.checkpointer.wait()      # so the newest checkpoint is exactly K - 1
             _hang(f"iteration {pause_at} updated, not saved")
         return metrics
 
-    trainer.policy_step = _paused_policy_step
+    trainer.update_step = _paused_update_step
 
 trainer.run()
 final = jax.device_get(trainer.state)

@@ -6,20 +6,55 @@ Layout: ``<run_dir>/checkpoints/<step>/{state, data, extra}``. ``state`` is the
 restarted run continues with the same prompts. Saves are asynchronous; orbax
 writes into a temporary directory and renames it when complete, so a run killed
 mid-save leaves no half-written step behind (the temporary directory is ignored and
-cleaned up). A step that exists but cannot be read (corrupted files) is reported,
-moved aside to ``<step>.corrupt``, and the previous good step is used.
+cleaned up).
 
-Silent corruption (a flipped bit inside an uncompressed array chunk reads back
-without any error) is caught by a digest: every save stores, in ``extra``, a uint32
-fingerprint per state leaf (``state_digest``), and a restore recomputes it and
-treats a mismatch like an unreadable step.
+**Identity.** Every save records, in ``extra`` under :data:`DIGEST_KEY`, what the step
+is a checkpoint *of*: the state's fingerprint (every leaf's '/'-joined key path, shape
+and dtype, :func:`tree_fingerprint`) and the caller's ``identity`` (a JSON-able dict of
+the configuration that determines the state, e.g. model preset, objective, critic).
+On restore the newest step's fingerprint and identity are compared with the state
+being restored into *before any array is read*. A difference is not corruption: by
+default (``on_mismatch="error"``) :class:`CheckpointMismatch` is raised, naming the
+added / removed / changed leaves and the differing identity keys with both values,
+and every checkpoint is left as it is. Two deliberate ways on:
+
+- ``on_mismatch="fresh"``: the mismatching checkpoints stay where they are and this
+  run uses the sibling directory ``<directory>.fresh-<n>``: the first one whose newest
+  step matches is resumed, else the first unused one is started (so rerunning the
+  same changed command resumes the fresh run). Nothing is moved or deleted.
+- ``on_mismatch="partial"``: a warm start. Leaves whose path, shape and dtype match
+  are restored, the rest keep the values of ``init_state``; the lists of both are in
+  :attr:`Checkpointer.last_restore` and in one warning line.
+
+Identities are compared only when both the checkpoint and the Checkpointer have one
+(key by key over the union of keys: a key on one side only is a difference).
+
+**Corruption.** A step that cannot be read (corrupted or missing files) is reported
+in one warning line, moved aside to ``<step>.corrupt`` (``<step>.corrupt.1``, ... when
+that name is taken: an earlier quarantine is never replaced) and the previous good step
+is used. Silent corruption (a flipped bit inside an uncompressed array chunk reads
+back without any error) is caught by digests: a uint32 per state leaf
+(:func:`state_digest`), and a SHA-256 over the step number, the data-iterator state,
+the caller's ``extra`` (e.g. the iteration counter), the fingerprint, the identity and
+the leaf digests. A mismatch of either is treated like an unreadable step.
+
+Checkpoints written before fingerprints existed (their ``extra`` holds only the leaf
+digests) still restore: their tree is read from orbax's own metadata, so a structure
+change is still a :class:`CheckpointMismatch` and never a quarantine; they carry no
+identity and no metadata digest.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gc
+import hashlib
+import json
 import logging
 import os
-import shutil
+import sys
+import threading
 import time
 from typing import Any
 
@@ -27,11 +62,105 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
+
+from rlx.models.convert import CheckpointError
 
 log = logging.getLogger("rlx.checkpoint")
 
 DIGEST_KEY = "rlx_state_digest"   # reserved key in a checkpoint's ``extra``
+FORMAT = 2                        # 1 (implicit): leaf digests only; 2: + fingerprint, identity
+MISMATCH_MODES = ("error", "fresh", "partial")
+_SHOWN = 6                        # paths / keys named per category in a mismatch message
+
+
+class CheckpointMismatch(CheckpointError):
+    """A checkpoint of another state structure or configuration than the one restored into.
+
+    Attributes: ``step``, ``directory``, ``added`` / ``removed`` (paths present only
+    in the state being restored into / only in the checkpoint), ``changed`` (path,
+    saved (shape, dtype), wanted (shape, dtype)), ``identity`` (key, saved, wanted).
+    """
+
+    def __init__(self, step: int, directory: str, added: list[str], removed: list[str],
+                 changed: list[tuple], identity: list[tuple]):
+        self.step, self.directory = step, directory
+        self.added, self.removed, self.changed, self.identity = added, removed, changed, identity
+        super().__init__(
+            f"checkpoint step {step} in {directory} is of another configuration "
+            f"({self.describe()}); every checkpoint was left untouched. Use a new run "
+            "directory, or restore with on_mismatch='fresh' (a fresh run in "
+            f"{directory}.fresh-<n>) or on_mismatch='partial' (warm start from the "
+            "matching leaves)")
+
+    def describe(self) -> str:
+        """One line: the differing tree paths and identity keys."""
+        def some(items, fmt=str):
+            more = f" … {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+            return ", ".join(fmt(x) for x in items[:_SHOWN]) + more
+
+        def leaf(spec):
+            return f"{tuple(spec[0])} {spec[1]}"
+        parts = []
+        if self.identity:
+            parts.append("identity differs: " + some(
+                self.identity, lambda d: f"{d[0]}: saved {d[1]!r}, now {d[2]!r}"))
+        if self.added:
+            parts.append(f"{len(self.added)} leaves not in the checkpoint: {some(self.added)}")
+        if self.removed:
+            parts.append(f"{len(self.removed)} checkpoint leaves not in the state: "
+                         f"{some(self.removed)}")
+        if self.changed:
+            parts.append(f"{len(self.changed)} leaves changed: " + some(
+                self.changed, lambda c: f"{c[0]} saved {leaf(c[1])}, now {leaf(c[2])}"))
+        return "; ".join(parts)
+
+    @property
+    def tree_differs(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+
+@dataclasses.dataclass
+class RestoreReport:
+    """What the last ``restore_latest`` did.
+
+    ``mode``: "exact" (everything restored), "partial" (warm start), "fresh" (the
+    checkpoints of ``mismatch.directory`` were of another configuration and this run
+    uses ``directory``), or "none" (nothing to restore). ``restored`` / ``initialised``:
+    the leaf paths taken from the checkpoint / kept from ``init_state``.
+    """
+
+    mode: str
+    directory: str
+    step: int | None = None
+    restored: list[str] = dataclasses.field(default_factory=list)
+    initialised: list[str] = dataclasses.field(default_factory=list)
+    mismatch: CheckpointMismatch | None = None
+
+
+# ------------------------------------------------------------------ fingerprints
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _path(keypath) -> str:
+    """'/'-joined key names: a dataclass field, a dict key and its serialised (orbax)
+    form give the same path (``policy/params/trunk/layers/0/attn/q_proj/kernel/value``)."""
+    return "/".join(_key_name(k) for k in keypath)
+
+
+def _dtype(x) -> str:
+    return str(x.dtype) if hasattr(x, "dtype") else str(jnp.asarray(x).dtype)
+
+
+def tree_fingerprint(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{leaf path: (shape, dtype)} of an array pytree (arrays or ShapeDtypeStructs)."""
+    return {_path(p): (tuple(int(d) for d in np.shape(x)), _dtype(x))
+            for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _leaf_bits(x: jax.Array) -> jax.Array:
@@ -71,28 +200,137 @@ def state_digest(tree: Any) -> list[int]:
 
 
 def _dtypes(tree: Any) -> list[str]:
-    return [str(jnp.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype)
-            for x in jax.tree.leaves(tree)]
+    return [_dtype(x) for x in jax.tree.leaves(tree)]
+
+
+def _json_default(x):
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.asdict(x)
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (set, frozenset)):
+        return sorted(x, key=repr)
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    return repr(x)
+
+
+def _plain(x: Any) -> Any:
+    """``x`` as it reads back from JSON (tuples → lists, keys → str, dataclasses → dicts)."""
+    return json.loads(json.dumps(x, default=_json_default))
+
+
+def _meta_digest(step: int, data: Any, extra: Any, record: dict) -> str:
+    body = {"step": int(step), "data": data, "extra": extra,
+            **{k: record.get(k) for k in ("tree", "identity", "digest")}}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _flat_items(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict) and d:
+        out = {}
+        for k, v in d.items():
+            out.update(_flat_items(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+_ABSENT = "<absent>"
+
+
+def _identity_diff(saved: dict | None, wanted: dict | None) -> list[tuple]:
+    if saved is None or wanted is None:
+        return []
+    a, b = _flat_items(saved), _flat_items(wanted)
+    return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT))
+            for k in sorted(set(a) | set(b)) if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+
+
+def _tree_diff(saved: dict, wanted: dict):
+    added = sorted(set(wanted) - set(saved))
+    removed = sorted(set(saved) - set(wanted))
+    changed = [(p, saved[p], wanted[p]) for p in sorted(set(saved) & set(wanted))
+               if tuple(saved[p][0]) != tuple(wanted[p][0]) or saved[p][1] != wanted[p][1]]
+    return added, removed, changed
+
+
+class _Corrupt(Exception):
+    """A step that cannot be used: unreadable, or its digests do not match."""
+
+
+def _one_line(err: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(err).split(" See full TensorStore details")[0].split())
+    text = text if len(text) <= limit else text[:limit] + " …"
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silences what a failing orbax read prints besides its exception: exceptions of
+    abandoned coroutines and callbacks (``Exception ignored in …``) and absl/orbax
+    error logs. They go to the debug log; the caller logs one line per step."""
+    def unraisable(info):
+        log.debug("suppressed during checkpoint read: %s", info.exc_value)
+
+    def thread_hook(args):
+        log.debug("suppressed in thread during checkpoint read: %s", args.exc_value)
+
+    loggers = [logging.getLogger(n) for n in ("absl", "orbax", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    old_unraisable, old_thread = sys.unraisablehook, threading.excepthook
+    sys.unraisablehook, threading.excepthook = unraisable, thread_hook
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        gc.collect()     # finalise the abandoned coroutines while their noise is muted
+        sys.unraisablehook, threading.excepthook = old_unraisable, old_thread
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 class Checkpointer:
-    """Saves every ``every_steps`` steps and/or ``every_minutes`` minutes, keeps ``keep``."""
+    """Saves every ``every_steps`` steps and/or ``every_minutes`` minutes, keeps ``keep``.
+
+    ``identity``: a JSON-able dict of the configuration that determines the saved state
+    (recorded with every save, compared on restore). ``on_mismatch``: "error" |
+    "fresh" | "partial", what ``restore_latest`` does with a checkpoint of another
+    structure or identity (module docstring).
+    """
 
     def __init__(self, directory: str, *, every_steps: int | None = 50,
                  every_minutes: float | None = None, keep: int = 3,
-                 async_save: bool = True):
+                 async_save: bool = True, identity: dict | None = None,
+                 on_mismatch: str = "error"):
         if every_steps is not None and every_steps <= 0:
             raise ValueError(f"checkpoint every_steps={every_steps} must be positive")
-        self.directory = os.path.abspath(directory)
+        if keep is None or keep < 1:
+            raise ValueError(f"checkpoint keep={keep} must be at least 1")
+        if identity is not None and not isinstance(identity, dict):
+            raise ValueError(f"checkpoint identity must be a dict, got {type(identity).__name__}")
+        _check_mode(on_mismatch)
         self.every_steps = every_steps
         self.every_minutes = every_minutes
+        self.identity = None if identity is None else _plain(identity)
+        self.on_mismatch = on_mismatch
+        self._keep, self._async = keep, async_save
         self._last_time = time.monotonic()
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-                cleanup_tmp_directories=True))
         self.corrupt_steps: list[int] = []
+        self.last_restore: RestoreReport | None = None
+        self._open(os.path.abspath(directory))
+
+    def _open(self, directory: str) -> None:
+        self.directory = directory
+        with _quiet():             # orbax logs each unparsable step metadata file it lists
+            self._manager = ocp.CheckpointManager(
+                directory,
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=self._keep, enable_async_checkpointing=self._async,
+                    create=True, cleanup_tmp_directories=True))
 
     # ------------------------------------------------------------------ saving
     def due(self, step: int) -> bool:
@@ -107,11 +345,18 @@ class Checkpointer:
         """Starts an (asynchronous) save of ``state`` at ``step``."""
         if step in self._manager.all_steps():
             return
-        extra = {**(extra or {}),
-                 DIGEST_KEY: {"digest": state_digest(state), "dtypes": _dtypes(state)}}
+        if extra and DIGEST_KEY in extra:
+            raise ValueError(f"checkpoint extra may not use the reserved key {DIGEST_KEY!r}")
+        data, user_extra = _plain(data_state or {}), _plain(extra or {})
+        tree = tree_fingerprint(state)
+        digests = state_digest(state)
+        record = {"format": FORMAT,
+                  "tree": [[p, list(shape), dtype] for p, (shape, dtype) in tree.items()],
+                  "digest": digests, "dtypes": _dtypes(state), "identity": self.identity}
+        record["meta"] = _meta_digest(step, data, user_extra, record)
         args = {"state": ocp.args.StandardSave(state),
-                "data": ocp.args.JsonSave(data_state or {}),
-                "extra": ocp.args.JsonSave(extra)}
+                "data": ocp.args.JsonSave(data),
+                "extra": ocp.args.JsonSave({**user_extra, DIGEST_KEY: record})}
         self._manager.save(step, args=ocp.args.Composite(**args), force=True)
         self._last_time = time.monotonic()
 
@@ -131,54 +376,224 @@ class Checkpointer:
 
     # --------------------------------------------------------------- restoring
     def steps(self) -> list[int]:
-        return sorted(self._manager.all_steps(read=True))
+        with _quiet():             # orbax logs each unparsable step metadata file
+            self._manager.reload()
+        return sorted(self._manager.all_steps())
 
-    def restore_latest(self, abstract_state: Any
-                       ) -> tuple[int, Any, dict, dict] | None:
-        """(step, state, data_state, extra) of the newest readable checkpoint, or None.
+    def restore_latest(self, abstract_state: Any, *, on_mismatch: str | None = None,
+                       init_state: Any = None) -> tuple[int, Any, dict, dict] | None:
+        """(step, state, data_state, extra) of the newest good checkpoint, or None.
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` (with shardings) that
-        says how to lay the arrays out. Unreadable steps, and steps whose restored
-        arrays do not match the digest recorded at save time, are moved aside and
-        skipped. (The digest is checked when the restored leaves have the saved dtypes.)
+        says how to lay the arrays out. Unreadable steps, and steps whose contents do not
+        match their digests, are quarantined and skipped. A step of another structure
+        or identity raises :class:`CheckpointMismatch` (``on_mismatch="error"``, the
+        constructor's default unless overridden here) or is handled as "fresh" /
+        "partial" (module docstring; "partial" takes the values of unmatched leaves
+        from ``init_state``, or from ``abstract_state`` when its leaves are arrays).
+        What was done is in :attr:`last_restore`.
         """
+        mode = _check_mode(on_mismatch or self.on_mismatch)
+        wanted = tree_fingerprint(abstract_state)
+        origin = self.directory
+        found, mismatch = self._restore_here(abstract_state, wanted, mode, init_state)
+        first = mismatch
+        while mismatch is not None:          # only "fresh" returns a mismatch
+            target = self._next_fresh(origin)
+            log.warning("checkpoints in %s are of another configuration (%s); this run "
+                        "uses %s and leaves them untouched", mismatch.directory,
+                        mismatch.describe(), target)
+            self.close()
+            self._open(target)
+            found, mismatch = self._restore_here(abstract_state, wanted, mode, init_state)
+        if first is not None:
+            self.last_restore.mode, self.last_restore.mismatch = "fresh", first
+        return found
+
+    def _next_fresh(self, origin: str) -> str:
+        n = 1
+        current = self.directory
+        if current != origin and current.startswith(origin + ".fresh-"):
+            n = int(current.rsplit("-", 1)[1]) + 1
+        return f"{origin}.fresh-{n}"
+
+    def _restore_here(self, abstract_state, wanted, mode, init_state):
+        """(found, mismatch): the result in this directory, or the mismatch ("fresh")."""
         for step in reversed(self.steps()):
             try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=ocp.args.JsonRestore(), extra=ocp.args.JsonRestore()))
-                jax.block_until_ready(restored.state)
-                extra = dict(restored.extra or {})
-                _verify(restored.state, extra.pop(DIGEST_KEY, None))
-                return step, restored.state, dict(restored.data or {}), extra
-            except Exception as err:  # noqa: BLE001 - any read failure means "corrupt"
-                log.warning("checkpoint step %d in %s is unreadable (%s: %s); "
-                            "falling back to the previous one", step, self.directory,
-                            type(err).__name__, str(err)[:300])
-                self.corrupt_steps.append(step)
-                self._quarantine(step)
-        return None
+                data, extra, saved_tree, record = self._read_meta(step)
+            except _Corrupt as err:
+                self._corrupt(step, err)
+                continue
+            added, removed, changed = _tree_diff(saved_tree, wanted)
+            ident = _identity_diff(record.get("identity"), self.identity)
+            mismatch = (CheckpointMismatch(step, self.directory, added, removed, changed, ident)
+                        if added or removed or changed or ident else None)
+            if mismatch is not None and mode == "error":
+                raise mismatch
+            if mismatch is not None and mode == "fresh":
+                return None, mismatch
+            try:
+                if mismatch is not None and mismatch.tree_differs:
+                    state, restored, initialised = self._restore_partial(
+                        step, abstract_state, init_state, saved_tree, wanted, record)
+                else:
+                    state = self._restore_full(step, abstract_state, record)
+                    restored, initialised = sorted(wanted), []
+            except _Corrupt as err:
+                self._corrupt(step, err)
+                continue
+            if mismatch is not None:
+                named = ", ".join(initialised[:_SHOWN]) + (" …" if len(initialised) > _SHOWN
+                                                          else "")
+                log.warning("warm start from checkpoint step %d in %s of another configuration "
+                            "(%s): %d leaves restored, %d initialised%s", step, self.directory,
+                            mismatch.describe(), len(restored), len(initialised),
+                            f" ({named})" if initialised else "")
+            self.last_restore = RestoreReport("exact" if mismatch is None else "partial",
+                                              self.directory, step, restored, initialised,
+                                              mismatch)
+            return (step, state, data, extra), None
+        self.last_restore = RestoreReport("none", self.directory)
+        return None, None
 
-    def _quarantine(self, step: int) -> None:
+    def _read_meta(self, step: int):
+        """(data, extra, saved fingerprint, digest record) of ``step``, arrays unread."""
+        try:
+            with _quiet():
+                got = self._manager.restore(step, args=ocp.args.Composite(
+                    data=ocp.args.JsonRestore(), extra=ocp.args.JsonRestore()))
+            data, extra = dict(got.data or {}), dict(got.extra or {})
+        except Exception as err:  # noqa: BLE001 - any read failure means "corrupt"
+            raise _Corrupt(_one_line(err)) from err
+        record = extra.pop(DIGEST_KEY, None) or {}
+        if not isinstance(record, dict):
+            raise _Corrupt(f"its {DIGEST_KEY!r} record is not an object")
+        if "meta" in record:
+            if _meta_digest(step, data, extra, record) != record["meta"]:
+                raise _Corrupt("its metadata (data-iterator state, extra such as the iteration "
+                               "counter, fingerprint or identity) differs from its digest")
+            tree = {p: (tuple(shape), dtype) for p, shape, dtype in record["tree"]}
+        else:                      # format 1: the tree from orbax's own metadata
+            try:
+                with _quiet():
+                    tree = tree_fingerprint(self._state_metadata(step))
+            except Exception as err:  # noqa: BLE001
+                raise _Corrupt(_one_line(err)) from err
+            if not tree:
+                raise _Corrupt("its state has no readable metadata")
+        return data, extra, tree, record
+
+    def _state_metadata(self, step: int) -> Any:
+        """The saved state's tree (nested dicts / lists of orbax ArrayMetadata)."""
+        path = epath.Path(self.directory) / str(step) / "state"
+        tree = getattr(ocp.PyTreeCheckpointHandler().metadata(path), "tree", None)
+        if tree is None:
+            raise ValueError(f"no state metadata in {path}")
+        return tree
+
+    def _restore_full(self, step: int, abstract_state: Any, record: dict) -> Any:
+        try:
+            with _quiet():
+                got = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state)))
+                state = jax.block_until_ready(got.state)
+        except Exception as err:  # noqa: BLE001 - any read failure means "corrupt"
+            raise _Corrupt(_one_line(err)) from err
+        _verify(state, record)
+        return state
+
+    def _restore_partial(self, step, abstract_state, init_state, saved_tree, wanted, record):
+        init = init_state if init_state is not None else abstract_state
+        if any(not isinstance(x, jax.Array) for x in jax.tree.leaves(init)):
+            raise ValueError("on_mismatch='partial' needs the values of the leaves it does "
+                             "not restore: pass restore_latest(..., init_state=<the fresh state>)")
+        matched = {p for p in wanted if p in saved_tree
+                   and tuple(saved_tree[p][0]) == tuple(wanted[p][0])
+                   and saved_tree[p][1] == wanted[p][1]}
+        targets = {_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
+        try:
+            with _quiet():
+                meta_tree = self._state_metadata(step)
+
+                def item_leaf(path, _):
+                    p = _path(path)
+                    if p not in matched:
+                        return ocp.PLACEHOLDER
+                    t = targets[p]
+                    sharding = getattr(t, "sharding", None) or jax.sharding.SingleDeviceSharding(
+                        jax.local_devices()[0])
+                    return jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding)
+                item = jax.tree_util.tree_map_with_path(item_leaf, meta_tree)
+                args = jax.tree.map(
+                    lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding)
+                    if isinstance(x, jax.ShapeDtypeStruct) else None,
+                    item, is_leaf=lambda x: x is ocp.PLACEHOLDER)
+                got = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+                    os.path.join(self.directory, str(step), "state"),
+                    args=ocp.args.PyTreeRestore(item, restore_args=args))
+                got = jax.block_until_ready(got)
+        except Exception as err:  # noqa: BLE001 - any read failure means "corrupt"
+            raise _Corrupt(_one_line(err)) from err
+        values = {_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(got)
+                  if _path(p) in matched}
+        if "meta" in record:       # leaf digests by path (format 2)
+            paths = [p for p, _, _ in record["tree"]]
+            saved = dict(zip(paths, record["digest"]))
+            names = sorted(values)
+            bad = [p for p, d in zip(names, state_digest([values[p] for p in names]))
+                   if saved.get(p) != d]
+            if bad:
+                raise _Corrupt(f"restored arrays differ from the saved digest at {bad[:5]}")
+        state = jax.tree_util.tree_map_with_path(
+            lambda p, x: values.get(_path(p), x), init)
+        return state, sorted(matched), sorted(set(wanted) - matched)
+
+    def _corrupt(self, step: int, err: BaseException) -> None:
+        target = self._quarantine(step)
+        log.warning("checkpoint step %d in %s is unreadable or corrupt (%s); moved to %s, "
+                    "falling back to the previous one", step, self.directory, err, target)
+        self.corrupt_steps.append(step)
+
+    def _quarantine(self, step: int) -> str:
+        """Moves ``<step>`` to the first free name of ``<step>.corrupt``, ``<step>.corrupt.1``,
+        … (an earlier quarantine is never replaced); returns the name used."""
         path = os.path.join(self.directory, str(step))
+        target, n = path + ".corrupt", 0
+        while os.path.exists(target):
+            n += 1
+            target = f"{path}.corrupt.{n}"
         if jax.process_index() == 0 and os.path.isdir(path):
-            target = path + ".corrupt"
-            if os.path.exists(target):
-                shutil.rmtree(target)
             os.rename(path, target)
         self._manager.reload()
+        return os.path.basename(target)
 
 
-def _verify(state: Any, record: dict | None) -> None:
-    """Raises ValueError when ``state`` does not match the digest saved with it."""
-    if not record or _dtypes(state) != list(record.get("dtypes", [])):
+def _check_mode(mode: str) -> str:
+    if mode not in MISMATCH_MODES:
+        raise ValueError(f"on_mismatch={mode!r}: expected one of {MISMATCH_MODES}")
+    return mode
+
+
+def _verify(state: Any, record: dict) -> None:
+    """Raises _Corrupt when ``state`` does not match the leaf digests saved with it."""
+    if not record or "digest" not in record:
         return
-    got, want = state_digest(state), list(record["digest"])
-    bad = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
-    if bad or len(got) != len(want):
-        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
-        raise ValueError("restored arrays differ from the saved digest at "
-                         f"{[paths[i] for i in bad[:5]]}{' …' if len(bad) > 5 else ''}")
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    got = state_digest(state)
+    if "tree" in record:           # format 2: by path
+        saved = {p: d for (p, _, _), d in zip(record["tree"], record["digest"])}
+        bad = [_path(p) for (p, _), d in zip(leaves, got) if saved.get(_path(p)) != d]
+    else:                          # format 1: by position, when the dtypes agree
+        if _dtypes(state) != list(record.get("dtypes", [])):
+            return
+        want = list(record["digest"])
+        bad = [_path(leaves[i][0]) for i, (a, b) in enumerate(zip(got, want)) if a != b]
+        if len(got) != len(want):
+            bad.append(f"<{len(want)} saved leaves, {len(got)} restored>")
+    if bad:
+        raise _Corrupt("restored arrays differ from the saved digest at "
+                       f"{bad[:5]}{' …' if len(bad) > 5 else ''}")
 
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:

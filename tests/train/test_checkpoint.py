@@ -1,9 +1,13 @@
 """Checkpoints: exact round trip of the training state and the data iterator; corrupted
-steps detected, reported, quarantined and skipped; partial saves ignored; keep-last-K."""
+steps detected, reported, quarantined (never over an earlier quarantine) and skipped;
+partial saves ignored; keep-last-K; a checkpoint of another configuration refused with
+its differences named, or deliberately started afresh / warm-started; old-format steps
+still restore."""
 
 import logging
 import os
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -227,3 +231,282 @@ def test_state_digest_changes_when_any_single_element_changes(dtype):
     if not np.array_equal(np.asarray(jax.random.key_data(swapped) if dtype == "key" else swapped),
                           np.asarray(jax.random.key_data(x) if dtype == "key" else x)):
         assert ck.state_digest({"a": swapped, "b": other})[0] != dx[0]
+
+
+# ------------------------------------------------------------------- identity
+IDENTITY = {"model": "tiny", "objective": "grpo", "sampler": {"temperature": 1.0}}
+
+
+def _snapshot(root):
+    """Every file under ``root`` with its bytes, and every directory name."""
+    files = {os.path.relpath(p, root): open(p, "rb").read() for p in _files(root)}
+    dirs = sorted(os.path.relpath(os.path.join(d, n), root)
+                  for d, ns, _ in os.walk(root) for n in ns)
+    return files, dirs
+
+
+def _write_two_steps(directory, identity=IDENTITY, state=_small_state):
+    writer = ck.Checkpointer(directory, keep=3, async_save=False, identity=identity)
+    writer.save(1, state(1.0), {"next_index": 4}, {"iteration": 1})
+    writer.save(2, state(2.0), {"next_index": 8}, {"iteration": 2})
+    writer.close()
+
+
+def _changed_state(offset=0.0):
+    """_small_state with one leaf added, one removed, one reshaped and one re-typed."""
+    s = _small_state(offset)
+    return {"w": jnp.zeros((32, 64), jnp.float32), "b": s["b"].astype(jnp.float32),
+            "step": s["step"], "value_head": jnp.ones((64,), jnp.float32)}
+
+
+def test_config_change_is_refused_naming_the_differences_and_touches_nothing(tmp_path, caplog):
+    directory = str(tmp_path / "ckpt")
+    _write_two_steps(directory)
+    before = _snapshot(directory)
+    reader = ck.Checkpointer(directory, keep=3,
+                             identity={**IDENTITY, "objective": "dapo",
+                                       "sampler": {"temperature": 0.7}, "critic": "value"})
+    with caplog.at_level(logging.WARNING, logger="rlx.checkpoint"), \
+            pytest.raises(ck.CheckpointMismatch) as info:
+        reader.restore_latest(ck.abstract_like(_changed_state()))
+    err = info.value
+    assert isinstance(err, ValueError) and isinstance(err, ck.CheckpointError)
+    assert err.step == 2 and err.added == ["value_head"] and err.removed == ["key"]
+    assert err.changed == [("b", ((64,), "bfloat16"), ((64,), "float32")),
+                           ("w", ((64, 64), "float32"), ((32, 64), "float32"))]
+    assert err.identity == [("critic", "<absent>", "value"), ("objective", "grpo", "dapo"),
+                            ("sampler.temperature", 1.0, 0.7)]
+    text = str(err)
+    assert "\n" not in text and "left untouched" in text
+    for piece in ("value_head", "key", "w saved (64, 64) float32, now (32, 64) float32",
+                  "b saved (64,) bfloat16, now (64,) float32",
+                  "objective: saved 'grpo', now 'dapo'",
+                  "sampler.temperature: saved 1.0, now 0.7", "on_mismatch='fresh'"):
+        assert piece in text
+    assert _snapshot(directory) == before                     # byte-identical, nothing renamed
+    assert reader.corrupt_steps == [] and reader.steps() == [1, 2]
+    assert not [r for r in caplog.records if r.name == "rlx.checkpoint"]
+    # The same structure under another identity alone is refused too; the right one restores.
+    with pytest.raises(ck.CheckpointMismatch, match="objective: saved 'grpo', now 'dapo'") as info:
+        ck.Checkpointer(directory, identity={**IDENTITY, "objective": "dapo"}).restore_latest(
+            ck.abstract_like(_small_state()))
+    assert not info.value.tree_differs
+    step, state, data_state, extra = ck.Checkpointer(directory, identity=IDENTITY).restore_latest(
+        ck.abstract_like(_small_state()))
+    assert (step, data_state, extra) == (2, {"next_index": 8}, {"iteration": 2})
+    assert _equal(state, _small_state(2.0)) and _snapshot(directory) == before
+    reader.close()
+    with pytest.raises(ValueError, match="on_mismatch='wipe'"):
+        ck.Checkpointer(directory, on_mismatch="wipe")
+
+
+def test_fresh_mode_leaves_the_old_run_alone_and_resumes_its_own_directory(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    _write_two_steps(directory)
+    before = _snapshot(directory)
+    other = {**IDENTITY, "objective": "dapo"}
+    first = ck.Checkpointer(directory, identity=other, on_mismatch="fresh", async_save=False)
+    assert first.restore_latest(ck.abstract_like(_small_state())) is None
+    assert first.directory == directory + ".fresh-1"
+    assert first.last_restore.mode == "fresh" and first.last_restore.step is None
+    assert first.last_restore.mismatch.identity == [("objective", "grpo", "dapo")]
+    first.save(1, _small_state(5.0), {"next_index": 2}, {"iteration": 1})
+    first.close()
+    assert _snapshot(directory) == before
+    # Rerunning the changed command resumes the fresh run; a third configuration gets its own.
+    again = ck.Checkpointer(directory, identity=other, on_mismatch="fresh")
+    step, state, data_state, _ = again.restore_latest(ck.abstract_like(_small_state()))
+    assert step == 1 and _equal(state, _small_state(5.0)) and data_state == {"next_index": 2}
+    assert again.directory == directory + ".fresh-1" and again.last_restore.mode == "fresh"
+    again.close()
+    third = ck.Checkpointer(directory, identity={**IDENTITY, "objective": "gspo"},
+                            on_mismatch="fresh")
+    assert third.restore_latest(ck.abstract_like(_small_state())) is None
+    assert third.directory == directory + ".fresh-2"
+    third.close()
+    assert _snapshot(directory) == before
+    assert ck.Checkpointer(directory + ".fresh-1").steps() == [1]
+
+
+def _train_state(objective, seed=0, offset=0.0):
+    cfg = config.model_config("tiny", vocab_size=64)
+    _, params = api.init(cfg, seed=seed)
+    params = jax.tree.map(lambda p: p + offset, params)
+    return st.create(params, optim.optimizer(learning_rate=1e-2), seed=seed,
+                     objective_state=objective.init())
+
+
+def test_partial_warm_start_restores_matching_leaves_and_initialises_the_rest(tmp_path, caplog):
+    directory = str(tmp_path / "ckpt")
+    saved = _train_state(presets.r2vpo(), seed=0, offset=0.5)    # R²VPO carries a dual variable
+    writer = ck.Checkpointer(directory, async_save=False, identity={"objective": "r2vpo"})
+    writer.save(4, {"policy": saved, "critic": {"head": jnp.ones((3,))}}, {"next_index": 4},
+                {"iteration": 4})
+    writer.close()
+    before = _snapshot(directory)
+
+    fresh = {"policy": _train_state(presets.grpo(), seed=1), "critic": {"head": jnp.zeros((5,))}}
+    reader = ck.Checkpointer(directory, identity={"objective": "grpo"}, on_mismatch="partial")
+    with pytest.raises(ValueError, match="init_state"):
+        reader.restore_latest(ck.abstract_like(fresh))
+    with caplog.at_level(logging.WARNING, logger="rlx.checkpoint"):
+        step, state, data_state, extra = reader.restore_latest(ck.abstract_like(fresh),
+                                                               init_state=fresh)
+    assert (step, data_state, extra) == (4, {"next_index": 4}, {"iteration": 4})
+    report = reader.last_restore
+    assert report.mode == "partial"
+    assert report.initialised == ["critic/head", "policy/objective_state/kl/coef"]
+    assert report.mismatch.removed == ["policy/objective_state/r2vpo/lam"]
+    assert report.mismatch.identity == [("objective", "r2vpo", "grpo")]
+    assert len(report.restored) == len(jax.tree.leaves(saved)) - 1
+    policy = state["policy"]
+    for field in ("params", "opt_state", "step", "key"):       # warm-started from the checkpoint
+        assert _equal(getattr(policy, field), getattr(saved, field)), field
+    assert _equal(policy.objective_state, fresh["policy"].objective_state)   # GRPO's own init
+    assert np.array_equal(np.asarray(state["critic"]["head"]), np.zeros(5))
+    assert jax.tree.structure(state) == jax.tree.structure(fresh)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "rlx.checkpoint"]
+    assert len(warnings) == 1 and "warm start" in warnings[0]
+    assert "2 initialised (critic/head, policy/objective_state/kl/coef)" in warnings[0]
+    assert _snapshot(directory) == before
+    reader.close()
+
+
+def test_a_flipped_bit_is_caught_in_a_partial_restore_too(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    _write_two_steps(directory)
+    _flip_one_byte(os.path.join(directory, "2"))              # in the largest array, "w"
+    fresh = {"w": jnp.zeros((64, 64), jnp.float32), "b": jnp.zeros((64,), jnp.float32),
+             "step": jnp.asarray(0, jnp.int32)}
+    reader = ck.Checkpointer(directory, on_mismatch="partial")
+    step, state, _, _ = reader.restore_latest(ck.abstract_like(fresh), init_state=fresh)
+    assert step == 1 and reader.corrupt_steps == [2]
+    assert reader.last_restore.restored == ["step", "w"]
+    assert reader.last_restore.initialised == ["b"]
+    assert _equal(state["w"], _small_state(1.0)["w"]) and int(state["step"]) == 1
+    assert np.array_equal(np.asarray(state["b"]), np.zeros(64))
+    reader.close()
+
+
+def test_a_second_quarantine_of_the_same_step_keeps_the_first(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    writer = ck.Checkpointer(directory, keep=3, async_save=False)
+    writer.save(1, _small_state(1.0))
+    writer.close()
+    contents = []
+    for round_ in range(3):
+        ckpt = ck.Checkpointer(directory, keep=3, async_save=False)
+        ckpt.save(2, _small_state(2.0 + round_))
+        ckpt.wait()
+        _truncate_largest(os.path.join(directory, "2"))
+        contents.append(_snapshot(os.path.join(directory, "2")))
+        assert ckpt.restore_latest(ck.abstract_like(_small_state()))[0] == 1
+        assert ckpt.corrupt_steps == [2]
+        ckpt.close()
+    assert sorted(os.listdir(directory)) == ["1", "2.corrupt", "2.corrupt.1", "2.corrupt.2"]
+    for name, snap in zip(["2.corrupt", "2.corrupt.1", "2.corrupt.2"], contents):
+        assert _snapshot(os.path.join(directory, name)) == snap
+
+
+def _edit_json(path, edit):
+    import json
+    with open(path) as f:
+        data = json.load(f)
+    edit(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+@pytest.mark.parametrize("item,edit", [
+    ("extra", lambda d: d.update(iteration=7)),                       # the iteration counter
+    ("data", lambda d: d.update(next_index=0)),                       # the data position
+    ("extra", lambda d: d["rlx_state_digest"].update(identity={"model": "tiny"})),
+    ("extra", lambda d: d["rlx_state_digest"]["tree"][0][1].append(1)),
+], ids=["iteration", "data_position", "identity", "fingerprint"])
+def test_tampered_metadata_is_detected_as_corruption(tmp_path, caplog, item, edit):
+    directory = str(tmp_path / "ckpt")
+    _write_two_steps(directory)
+    _edit_json(os.path.join(directory, "2", item, "metadata"), edit)
+    reader = ck.Checkpointer(directory, keep=3, identity=IDENTITY)
+    with caplog.at_level(logging.WARNING, logger="rlx.checkpoint"):
+        step, state, data_state, extra = reader.restore_latest(ck.abstract_like(_small_state()))
+    assert (step, data_state, extra) == (1, {"next_index": 4}, {"iteration": 1})
+    assert reader.corrupt_steps == [2] and sorted(os.listdir(directory)) == ["1", "2.corrupt"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "rlx.checkpoint"]
+    assert len(warnings) == 1 and "differs from its digest" in warnings[0]
+    reader.close()
+
+
+def _legacy_save(directory, step, state, data_state=None, extra=None):
+    """What the previous version of ``Checkpointer.save`` wrote: leaf digests only."""
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=False, create=True))
+    extra = {**(extra or {}), ck.DIGEST_KEY: {
+        "digest": ck.state_digest(state), "dtypes": [str(x.dtype) for x in jax.tree.leaves(state)]}}
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}),
+        extra=ocp.args.JsonSave(extra)), force=True)
+    manager.wait_until_finished()
+    manager.close()
+
+
+def test_old_format_checkpoints_restore_and_a_structure_change_is_still_refused(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    _legacy_save(directory, 1, _small_state(1.0), {"next_index": 4}, {"iteration": 1})
+    _legacy_save(directory, 2, _small_state(2.0), {"next_index": 8}, {"iteration": 2})
+    before = _snapshot(directory)
+    reader = ck.Checkpointer(directory, identity=IDENTITY)   # old steps carry no identity
+    with pytest.raises(ck.CheckpointMismatch) as info:
+        reader.restore_latest(ck.abstract_like(_changed_state()))
+    assert info.value.added == ["value_head"] and info.value.removed == ["key"]
+    assert [c[0] for c in info.value.changed] == ["b", "w"]
+    assert _snapshot(directory) == before and reader.corrupt_steps == []
+    step, state, data_state, extra = reader.restore_latest(ck.abstract_like(_small_state()))
+    assert (step, data_state, extra) == (2, {"next_index": 8}, {"iteration": 2})
+    assert _equal(state, _small_state(2.0)) and reader.last_restore.mode == "exact"
+    # Their leaf digests still guard them.
+    _flip_one_byte(os.path.join(directory, "2"))
+    step, state, _, _ = reader.restore_latest(ck.abstract_like(_small_state()))
+    assert step == 1 and _equal(state, _small_state(1.0)) and reader.corrupt_steps == [2]
+    # A new save next to them is of the new format and restores as well.
+    reader.save(3, _small_state(3.0), {"next_index": 12}, {"iteration": 3})
+    reader.wait()
+    assert reader.restore_latest(ck.abstract_like(_small_state()))[0] == 3
+    reader.close()
+
+
+def test_an_unreadable_step_costs_one_warning_line_not_tracebacks(tmp_path, capfd, caplog):
+    directory = str(tmp_path / "ckpt")
+    writer = ck.Checkpointer(directory, keep=3, async_save=False)
+    writer.save(1, _small_state(1.0))
+    writer.save(2, _small_state(2.0))
+    writer.close()
+    _truncate_largest(os.path.join(directory, "2"))
+    capfd.readouterr()
+    reader = ck.Checkpointer(directory, keep=3)
+    with caplog.at_level(logging.WARNING):
+        assert reader.restore_latest(ck.abstract_like(_small_state()))[0] == 1
+    reader.close()
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "Exception ignored" not in out + err, err[:2000]
+    shown = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(shown) == 1 and "\n" not in shown[0] and len(shown[0]) < 700, shown
+    assert "TensorStore" not in shown[0]              # not the multi-line TensorStore spec
+    # What orbax's abandoned coroutines print on failure goes through sys.unraisablehook,
+    # which a read routes to the debug log and puts back afterwards.
+    seen = []
+
+    class Noisy:
+        def __del__(self):
+            raise RuntimeError("abandoned read")
+    previous = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    try:
+        with ck._quiet():
+            Noisy()
+        assert seen == []
+        Noisy()
+        assert [str(u.exc_value) for u in seen] == ["abandoned read"]
+    finally:
+        sys.unraisablehook = previous

@@ -117,3 +117,53 @@ def test_convert_refuses_to_overwrite(tmp_path, capsys):
             str(tmp_path / "out")]
     assert cli.main(argv) == 2 and "not empty" in capsys.readouterr().err
     assert cli.main(argv + ["--overwrite"]) == 0
+
+
+def test_module_form_runs_every_subcommand():
+    """`python -m rlx.cli` is the same console (train, rlhf, dpo, convert)."""
+    out = subprocess.run([sys.executable, "-m", "rlx.cli", "train", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--gin_param" in out.stdout
+    assert {"train", "rlhf", "dpo", "convert"} <= set(cli.commands())
+
+
+def test_kernel_line_names_the_dispatched_backend(monkeypatch):
+    from rlx.recipes.experiment import Experiment
+    monkeypatch.delenv("RLX_KERNEL_BACKEND", raising=False)
+    line = cli.kernel_line(Experiment())
+    assert line == ("kernels: log-prob/entropy and ratio statistics -> pure-jnp reference "
+                    "(auto on cpu); attention reference (jnp); dense decode")
+    monkeypatch.setenv("RLX_KERNEL_BACKEND", "gpu")
+    line = cli.kernel_line(Experiment(model_overrides={"attention_backend": "block_sparse",
+                                                       "decode_page_size": 16}))
+    assert "Pallas GPU (Triton) in interpret mode (RLX_KERNEL_BACKEND=gpu)" in line
+    assert "attention block_sparse via Pallas GPU" in line
+    assert "paged decode (16-slot pages)" in line
+
+
+def _run_script():
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "run.py")
+    spec = importlib.util.spec_from_file_location("experiments_run", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_experiments_runner_maps_each_config_to_its_command(capsys):
+    run = _run_script()
+    shipped = run.names()
+    assert {"grpo", "dapo", "ppo", "rlhf", "dpo", "qwen2.5"} <= set(shipped)
+    assert "base" not in shipped
+    for name in shipped:
+        argv = run.argv_for(name, ["rlx.train.RLConfig.steps = 1"])
+        expected = {"rlhf": "rlhf", "dpo": "dpo"}.get(name, "train")
+        assert argv[0] == expected and argv[1].endswith(f"configs/{name}.gin"), argv
+        assert argv[2] == "--gin_param=rlx.train.RLConfig.steps = 1"
+    assert run.main(["--list"]) == 0 and "dapo" in capsys.readouterr().out.split()
+    with pytest.raises(SystemExit, match="no config 'nope'"):
+        run.argv_for("nope", [])
+    # The runner goes through `rlx`: a bad binding is rlx's one-line error.
+    assert run.main(["grpo", "rlx.Experiment.no_such_field = 1"]) == 2
+    assert "no_such_field" in capsys.readouterr().err

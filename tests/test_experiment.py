@@ -46,7 +46,9 @@ def test_default_experiment_smoke_run_produces_outputs_and_resumes(tmp_path, cap
     assert 0.0 <= summary["accuracy_after_rl"] <= 1.0
     start = [r for r in rows if r["step"] == 0]         # the curves start at the SFT policy
     assert start and start[0]["eval/accuracy"] == summary["accuracy_before_rl"]
-    assert "held-out accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "held-out accuracy" in printed
+    assert printed.startswith("kernels: log-prob/entropy and ratio statistics -> ")
 
     # Same command with more steps: resumes at iteration 2 (SFT skipped, restored).
     gin.clear_config()
@@ -252,3 +254,74 @@ def test_compare_counts_every_sampling_round_as_rollouts(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps(
         {"accuracy_before_rl": 0.5, "accuracy_after_rl": 0.8, "rl_steps": 3}))
     assert compare._curve(str(tmp_path), 10) == [(0, 0.5), (40, 0.7), (50, 0.8)]
+
+
+def _readme_objective_code() -> str:
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    section = readme.split("## Write an objective", 1)[1]
+    return section.split("```python", 1)[1].split("```", 1)[0]
+
+
+def test_readme_objective_selected_by_import_path_from_rlx_train(tmp_path, monkeypatch):
+    (tmp_path / "my_objectives.py").write_text(_readme_objective_code())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run_dir = str(tmp_path / "custom")
+    argv = ["train"] + sum((["--gin_param", p] for p in TINY + [
+        f'rlx.Experiment.run_dir = "{run_dir}"', "rlx.Experiment.export_hf = False",
+        "rlx.train.RLConfig.steps = 1",
+        'rlx.Experiment.objective = "my_objectives.my_objective"']), [])
+    assert cli.main(argv + ["--summary_json", str(tmp_path / "s.json")]) == 0
+    summary = json.load(open(tmp_path / "s.json"))
+    assert summary["objective"] == "my_objectives.my_objective" and summary["rl_steps"] == 1
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    step = [r for r in rows if r["step"] == 1][0]
+    assert "adv/kept_groups" in step            # the README's zero-variance filter ran
+
+
+def test_objective_from_a_gin_reference_to_a_configurable_factory(tmp_path, monkeypatch):
+    from rlx.objectives.types import Objective
+    from rlx.recipes.components import resolve_objective
+    from rlx.recipes.experiment import Experiment
+    (tmp_path / "gin_objectives.py").write_text(
+        "import gin\nfrom rlx.objectives import presets\n\n"
+        "@gin.configurable\ndef clipped(eps_high=0.28):\n"
+        "    return presets.dapo(eps_high=eps_high)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cli.parse_config([], ["import gin_objectives",
+                          "rlx.Experiment.objective = @gin_objectives.clipped()",
+                          "gin_objectives.clipped.eps_high = 0.4"])
+    resolved = resolve_objective(Experiment().objective)
+    assert isinstance(resolved.objective, Objective) and resolved.label == "custom"
+    assert "eps_high = 0.4" in gin.operative_config_str()
+
+
+@pytest.mark.parametrize("objective, match", [
+    ("grpoo", r"unknown objective 'grpoo'; known presets: \[.*'dapo'.*'grpo'"),
+    ("no_such_pkg.objective", r"objective 'no_such_pkg.objective': no importable module"),
+    ("json.dumps", r"objective 'json.dumps': calling it with no arguments failed"),
+    ("os.getcwd", r"objective 'os.getcwd' returned a str, expected an rlx.objectives"),
+    ("os.sep", r"objective 'os.sep' is a str, expected an Objective"),
+])
+def test_unknown_objective_fails_before_anything_is_built(tmp_path, objective, match):
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match=match):
+        cli.train_main(gin_params=[f'rlx.Experiment.objective = "{objective}"',
+                                   f'rlx.Experiment.run_dir = "{run_dir}"'])
+    assert not run_dir.exists()                  # no tokenizer, no SFT, nothing written
+
+
+def test_task_by_import_path_builds_the_users_task(tmp_path, monkeypatch):
+    from rlx.recipes import prepare
+    from rlx.recipes.experiment import Experiment
+    (tmp_path / "my_tasks.py").write_text(
+        "from rlx.tasks import ArithmeticTask\n\n"
+        "class Doubles(ArithmeticTask):\n    name = 'doubles'\n\n"
+        "    def __init__(self, digits=1, **kw):\n"
+        "        super().__init__(digits=digits, operators=('+',), **kw)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    planned = prepare.plan(Experiment(task="my_tasks.Doubles", task_kwargs={"digits": 2},
+                                      train_problems=20, eval_problems=4))
+    assert type(planned.task).__name__ == "Doubles" and planned.task.digits == (2, 2)
+    assert len(planned.train) == 20 and all("+" in q.prompt for q in planned.train)
+    with pytest.raises(ValueError, match=r"unknown task name 'chess'.*dotted import path"):
+        prepare.plan(Experiment(task="chess"))

@@ -84,7 +84,12 @@ def resolve_objective(spec) -> ResolvedObjective:
         if not callable(found):
             raise ValueError(f"objective {spec!r} is a {type(found).__name__}, expected an "
                              "Objective or a function returning one")
-        obj = found()
+        try:
+            obj = found()
+        except TypeError as err:
+            raise ValueError(f"objective {spec!r}: calling it with no arguments failed "
+                             f"({err}); give an Objective or a function of no required "
+                             "arguments") from err
         if not isinstance(obj, Objective):
             raise ValueError(f"objective {spec!r} returned a {type(obj).__name__}, expected "
                              "an rlx.objectives.types.Objective (e.g. from "

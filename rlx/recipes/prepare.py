@@ -382,6 +382,11 @@ def reference_params(objective, params):
     return jax.tree.map(jnp.copy, params) if wanted else None
 
 
+def rl_optimizer(exp):
+    """The RL phase's optimizer: ``rlx.train.optimizer`` at ``exp.rl_lr``, constant."""
+    return optim.constant(exp.rl_lr)
+
+
 def make_critic(exp, cfg, params) -> rl.Critic:
     """A value model whose trunk starts from ``params``' (a fresh scalar head), with its
     own optimizer at ``exp.critic_lr``."""
@@ -398,7 +403,7 @@ def train_rl(exp, p: Prepared, reward_pool) -> tuple[Any, list[dict], dict]:
     Resumes from ``<run_dir>/checkpoints`` when a run was interrupted."""
     resolved = p.objective
     critic = make_critic(exp, p.cfg, p.params) if resolved.separate_critic else None
-    tx = optim.constant(exp.rl_lr)
+    tx = rl_optimizer(exp)
     state = state_lib.create(p.params, tx, seed=exp.seed,
                              objective_state=resolved.objective.init())
     trainer = rl.RLTrainer(

@@ -261,6 +261,7 @@ def preference_main(kind: str, gin_files=(), gin_params=()) -> dict:
     gin.clear_config()
     parse_config(gin_files, gin_params)
     exp = rlhf.RLHFExperiment() if kind == "rlhf" else rlhf.DPOExperiment()
+    print(kernel_line(exp.base), flush=True)
     summary = rlhf.run_rlhf(exp) if kind == "rlhf" else rlhf.run_dpo(exp)
     _write_operative_config(exp.base.run_dir)
     print(format_preference_summary(summary), flush=True)

@@ -167,3 +167,13 @@ def test_experiments_runner_maps_each_config_to_its_command(capsys):
     # The runner goes through `rlx`: a bad binding is rlx's one-line error.
     assert run.main(["grpo", "rlx.Experiment.no_such_field = 1"]) == 2
     assert "no_such_field" in capsys.readouterr().err
+
+
+def test_recipe_classes_are_reachable_under_their_gin_names():
+    import rlx
+    from rlx.recipes.experiment import Experiment
+    from rlx.recipes.rlhf import DPOExperiment, RLHFExperiment
+    assert (rlx.Experiment, rlx.RLHFExperiment, rlx.DPOExperiment) == (
+        Experiment, RLHFExperiment, DPOExperiment)
+    with pytest.raises(AttributeError, match="no attribute 'Experimnt'"):
+        rlx.Experimnt  # noqa: B018

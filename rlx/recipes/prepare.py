@@ -188,6 +188,8 @@ def plan(exp, *, extra_rules=()) -> Plan:
         factory = registry.task_factory(exp.task)
     check_settings(exp, task_factory=factory, resolved=resolved, extra_rules=extra_rules)
     mesh = sh.make_mesh(exp.mesh_shape)
+    if not exp.hf_checkpoint:      # preset and override names, checked before any training
+        model_config_for(exp, exp.tokenizer_vocab)
     if exp.data_file:
         task = UserData(exp)
         train, heldout = task.train_set, task.heldout_set
@@ -343,15 +345,16 @@ def prepare(exp, *, total_steps: int, planned: Plan | None = None) -> Prepared:
     ``<run_dir>/sft`` and reused by a restarted run) and its held-out evaluation
     (logged at step 0, where the curves start)."""
     pl = plan(exp) if planned is None else planned
-    os.makedirs(exp.run_dir, exist_ok=True)
-    tok = build_tokenizer(exp, pl.task, pl.train)
-    train, heldout = pl.train, pl.heldout
-    if exp.use_chat_template:
-        train, heldout = apply_chat_template(tok, train), apply_chat_template(tok, heldout)
-    sampler = make_sampler(exp, tok)
-    logger = RunLogger(exp.run_dir, total_steps=total_steps)
-    pool = RewardPool(pl.spec)
+    pool = RewardPool(pl.spec)          # its settings are checked before any training
+    logger = None
     try:
+        os.makedirs(exp.run_dir, exist_ok=True)
+        tok = build_tokenizer(exp, pl.task, pl.train)
+        train, heldout = pl.train, pl.heldout
+        if exp.use_chat_template:
+            train, heldout = apply_chat_template(tok, train), apply_chat_template(tok, heldout)
+        sampler = make_sampler(exp, tok)
+        logger = RunLogger(exp.run_dir, total_steps=total_steps)
         cfg, graphdef, params = build_model(exp, tok.vocab_size)
         params = cached(os.path.join(exp.run_dir, "sft"), params, lambda: run_sft(
             graphdef, params, tok, pl.task, train, steps=exp.sft_steps,
@@ -361,7 +364,8 @@ def prepare(exp, *, total_steps: int, planned: Plan | None = None) -> Prepared:
         p.before = p.evaluate(params)
     except BaseException:
         pool.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
         raise
     print(f"held-out accuracy after SFT: {p.before['eval/accuracy']:.3f}", flush=True)
     logger.log(0, p.before)

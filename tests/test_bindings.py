@@ -175,6 +175,7 @@ REFUSED = [
     ("rlx.tasks.ArithmeticTask.digits = 3", "rlx.Experiment.task_kwargs"),
     ('rlx.models.config.model_config.preset = "tiny"', "rlx.Experiment.model"),
     ("rlx.models.config.model_config.vocab_size = 99", "vocabulary size"),
+    ("rlx.data.records_dataset.shuffle = False", "rlx.Experiment.data_file"),
 ]
 
 

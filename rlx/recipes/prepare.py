@@ -61,8 +61,13 @@ SAMPLER_OWNERS = {
 def ownership_rules(exp, *, task_factory=None, resolved: ResolvedObjective | None = None
                     ) -> list[bindings.Owned]:
     """The parameters a run of ``exp`` sets itself (``rlx.recipes.bindings``)."""
+    from rlx.data import records
+
     Owned = bindings.Owned
     rules = [
+        Owned(records.records_dataset, None,
+              "the recipes read rlx.Experiment.data_file / eval_file with "
+              "rlx.data.records.read_records (records_dataset is for your own pipelines)"),
         Owned(optim.optimizer, optim.PHASE_PARAMETERS,
               "learning rates are rlx.Experiment.rl_lr / sft_lr / critic_lr "
               "(rlx.RLHFExperiment.rm_lr, rlx.DPOExperiment.dpo_lr) and each phase sets "

@@ -10,8 +10,8 @@ Data: problems come from a grain pipeline (``rlx.train.data``) whose iterator st
 is checkpointed with the training state, so a killed run restarted with the same
 command resumes bitwise-identically (CPU). All processes of a multi-host run iterate
 the same global batch (the sampler and the step shard rows over the mesh); rewards
-are scored on every host from identical inputs, so every host holds identical
-host-side values.
+are scored once, on process 0, and broadcast, so every host trains on identical
+values.
 
 One seed: the sampling key of iteration i is ``fold_in(TrainState.key, i)``; the
 state's key comes from the run seed (``state.create(seed=...)``) and is checkpointed.
@@ -91,6 +91,10 @@ class RLConfig:
       shard_map_update: compute the gradients under ``shard_map`` over the batch axes
         with explicit cross-device sums (default); False = plain ``jit`` partitioning.
       checkpoint_every / checkpoint_minutes / keep_checkpoints: see ``Checkpointer``.
+      on_mismatch: what a rerun does when the run directory holds checkpoints of a
+        different state or configuration: "error" (stop before any work, naming the
+        differences; nothing is touched), "fresh" (start or resume a sibling directory
+        ``checkpoints.fresh-<n>``), "partial" (warm start: restore the matching leaves).
     """
 
     steps: int = 40
@@ -109,6 +113,7 @@ class RLConfig:
     checkpoint_every: int | None = 10
     checkpoint_minutes: float | None = None
     keep_checkpoints: int = 3
+    on_mismatch: str = "error"
 
     def __post_init__(self):
         _check_int("steps", self.steps, 0)
@@ -124,6 +129,9 @@ class RLConfig:
         if self.logprob_temperature is not None and not self.logprob_temperature > 0:
             raise ValueError(f"RLConfig.logprob_temperature={self.logprob_temperature!r}: "
                              "must be > 0 (or None for the sampling temperature)")
+        if self.on_mismatch not in ("error", "fresh", "partial"):
+            raise ValueError(f"RLConfig.on_mismatch={self.on_mismatch!r}: expected 'error', "
+                             "'fresh' or 'partial'")
         if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
             raise ValueError(f"RLConfig.checkpoint_minutes={self.checkpoint_minutes!r}: "
                              "must be > 0 or None")
@@ -159,13 +167,17 @@ class RLTrainer:
     ``ref_params``: the frozen reference policy for KL terms; when the objective needs
     one (``"ref_logp" in objective.needs``) and none is given, a copy of the starting
     parameters is taken. An objective that needs critic values needs ``critic``.
+    ``identity``: plain data describing what the checkpoints are checkpoints of
+    (objective, model, task, tokenizer, ...); a rerun whose identity or state structure
+    differs is refused (``RLConfig.on_mismatch``) instead of silently restarting.
     """
 
     def __init__(self, *, graphdef, state: state_lib.TrainState, tx, objective: Objective,
                  tokenizer, stream: ProblemStream, reward_pool: RewardPool,
                  sampler: SamplerConfig, config: RLConfig, run_dir: str, mesh=None,
                  ref_params=None, evaluator: Callable | None = None,
-                 logger: RunLogger | None = None, critic: "Critic | None" = None):
+                 logger: RunLogger | None = None, critic: "Critic | None" = None,
+                 identity: dict | None = None):
         needs = getattr(objective, "needs", frozenset())
         if "values" in needs and critic is None:
             raise ValueError("the objective reads critic values (GAE) but RLTrainer got no "
@@ -193,7 +205,8 @@ class RLTrainer:
         self.logger = logger or RunLogger(run_dir, total_steps=config.steps)
         self.checkpointer = ckpt_lib.Checkpointer(
             os.path.join(run_dir, "checkpoints"), every_steps=config.checkpoint_every,
-            every_minutes=config.checkpoint_minutes, keep=config.keep_checkpoints)
+            every_minutes=config.checkpoint_minutes, keep=config.keep_checkpoints,
+            identity=identity, on_mismatch=config.on_mismatch)
         self.iteration_index = 0
         tau = config.logprob_temperature
         if tau is None:
@@ -258,19 +271,19 @@ class RLTrainer:
             t1 = time.perf_counter()
             texts = self._decode(rollout)
             t2 = time.perf_counter()
-            scored = self.pool.score(texts, [q for q in problems for _ in range(g)])
-            if self.iteration_index == 0 and hasattr(scored, "raise_if_all_failed"):
-                scored.raise_if_all_failed()     # a reward broken on every call: stop now
-            bad = {k: getattr(scored, k, 0) for k in ("failures", "timeouts", "crashes")}
+            scored = self._score(texts, [q for q in problems for _ in range(g)])
+            if self.iteration_index == 0 and scored["all_failed"]:
+                raise RuntimeError(scored["all_failed"])   # a reward broken on every call
+            bad = {k: scored["counts"].get(k, 0) for k in ("failures", "timeouts", "crashes")}
             if any(bad.values()):
                 log.warning("iteration %d: reward calls failed %s; e.g. %s",
-                            self.iteration_index, bad, "; ".join(scored.errors[:2]))
+                            self.iteration_index, bad, "; ".join(scored["errors"][:2]))
             for name, dt in (("generate", t1 - t0), ("decode", t2 - t1),
                              ("reward", time.perf_counter() - t2)):
                 metrics[f"time/{name}"] = metrics.get(f"time/{name}", 0.0) + dt
-            rewards = np.asarray(scored.scores, np.float32).reshape(p, g)
-            components = np.asarray(scored.components, np.float32).reshape(p, g, -1)
-            for k, v in scored.metrics().items():
+            rewards = np.asarray(scored["scores"], np.float32).reshape(p, g)
+            components = np.asarray(scored["components"], np.float32).reshape(p, g, -1)
+            for k, v in scored["metrics"].items():
                 if k.endswith(("failures", "timeouts", "crashes", "seconds")):
                     metrics[k] = metrics.get(k, 0.0) + v      # counts add up over rounds
                 else:
@@ -286,6 +299,41 @@ class RLTrainer:
         groups = (kept + spare)[:p]
         metrics["dynamic_sampling/kept_groups"] = float(min(len(kept), p))
         return self._stack(groups, metrics)
+
+    def _score(self, texts, problems) -> dict:
+        """Scores the completions once and returns plain host values.
+
+        Multi-host: process 0 scores and broadcasts the result (scores, components,
+        metrics, failure report), so every host trains on identical values even when a
+        reward times out on one host only. A reward that failed on every sample is
+        reported in ``all_failed`` (its error message), for every host alike.
+        """
+        import json
+
+        def local():
+            got = self.pool.score(texts, problems)
+            all_failed = ""
+            if hasattr(got, "raise_if_all_failed"):
+                try:
+                    got.raise_if_all_failed()
+                except Exception as err:     # noqa: BLE001 - reported, raised by the caller
+                    all_failed = str(err)
+            return {"scores": np.asarray(got.scores, np.float64).tolist(),
+                    "components": np.asarray(got.components, np.float64).tolist(),
+                    "metrics": {k: float(v) for k, v in got.metrics().items()},
+                    "counts": {k: int(getattr(got, k, 0) or 0)
+                               for k in ("failures", "timeouts", "crashes")},
+                    "errors": [str(e) for e in got.errors], "all_failed": all_failed}
+
+        if jax.process_count() == 1:
+            return local()
+        from jax.experimental import multihost_utils as mh
+
+        blob = (json.dumps(local()).encode() if jax.process_index() == 0 else b"")
+        n = int(mh.broadcast_one_to_all(np.asarray(len(blob), np.int64)))
+        buf = np.frombuffer(blob, np.uint8) if blob else np.zeros((n,), np.uint8)
+        buf = np.asarray(mh.broadcast_one_to_all(buf), np.uint8)
+        return json.loads(buf.tobytes().decode())
 
     def _decode(self, rollout) -> list[str]:
         ids, mask = sh.host_value((rollout.completion_ids, rollout.completion_mask))
@@ -401,20 +449,34 @@ class RLTrainer:
 
     # -------------------------------------------------------------------- run
     def resume(self) -> bool:
-        """Restores the newest good checkpoint (state + data iterator). True if found."""
+        """Restores the newest good checkpoint (state + data iterator). True if found.
+
+        Announced on the console (which step, which directory); a checkpoint of a
+        different state or configuration raises ``CheckpointMismatch`` before any work
+        (``RLConfig.on_mismatch``)."""
+        current = {"policy": self.state}
         abstract = {"policy": ckpt_lib.abstract_like(self.state, self.state_shardings)}
         if self.critic is not None:
             abstract["critic"] = ckpt_lib.abstract_like(self.critic.state, self.critic_shardings)
-        found = self.checkpointer.restore_latest(abstract)
+            current["critic"] = self.critic.state
+        found = self.checkpointer.restore_latest(
+            abstract, init_state=current if self.config.on_mismatch == "partial" else None)
         if found is None:
             return False
         step, states, data_state, extra = found
-        self.state = states["policy"]
+        self.state = sh.place(states["policy"], self.state_shardings)
         if self.critic is not None:
-            self.critic.state = states["critic"]
-        self.stream.set_state(data_state)
+            self.critic.state = sh.place(states["critic"], self.critic_shardings)
+        if data_state is not None:
+            self.stream.set_state(data_state)
         self.iteration_index = int(extra.get("iteration", step))
-        log.info("resumed from checkpoint step %d", step)
+        report = getattr(self.checkpointer, "last_restore", None)
+        how = f" ({report.mode})" if report is not None and report.mode != "exact" else ""
+        msg = (f"resumed from checkpoint step {step}{how} in {self.checkpointer.directory}: "
+               f"continuing at iteration {self.iteration_index} of {self.config.steps}")
+        log.info(msg)
+        if jax.process_index() == 0:
+            print(msg, flush=True)
         return True
 
     def save(self, force: bool = False) -> None:

@@ -90,10 +90,8 @@ def completion_values(graphdef, params, seq: Sequences, completion_length: int) 
 
 def sequence_logprob(graphdef, params, seq: Sequences, target_mask) -> jax.Array:
     """Σ_t log π(tokens_t | tokens_<t) over target_mask [B,S] -> [B] (t ≥ 1)."""
-    model = api.merge(graphdef, params)
-    hidden, _ = model(seq.tokens, seq.positions, seq.attention_mask)
-    logp, _ = logprobs_from_hidden(hidden[:, :-1], model.unembedding(), seq.tokens[:, 1:])
-    return jnp.sum(logp * target_mask[:, 1:], axis=1)
+    out = token_outputs(graphdef, params, seq, seq.tokens.shape[1] - 1)
+    return jnp.sum(out.logp * target_mask[:, 1:], axis=1)
 
 
 # ------------------------------------------------------------------- gradient machinery
@@ -286,11 +284,7 @@ def make_sft_step(graphdef, tx, *, num_microbatches: int = 1):
 
     def step(state: TrainState, batch: SFTBatch):
         def loss_fn(params, mb: SFTBatch):
-            model = api.merge(graphdef, params)
-            seq = mb.seq
-            hidden, _ = model(seq.tokens, seq.positions, seq.attention_mask)
-            logp, _ = logprobs_from_hidden(hidden[:, :-1], model.unembedding(),
-                                           seq.tokens[:, 1:])
+            logp = token_outputs(graphdef, params, mb.seq, mb.seq.tokens.shape[1] - 1).logp
             m = mb.loss_mask[:, 1:].astype(jnp.float32)
             return -jnp.sum(logp * m), (jnp.sum(m), {})
 

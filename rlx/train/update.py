@@ -218,7 +218,7 @@ def make_update(graphdef, tx, objective: Objective, *, num_generations: int,
         metrics = {**_reduce(per_step, epochs * minibatches), **adv.metrics}
         if ref_logp is not None and not reuse_logp:
             den = jnp.maximum(mask.sum(), 1.0)
-            metrics["kl_ref/k1"] = jnp.sum((old.logp - ref_logp) * mask) / den
+            metrics["kl/ref"] = jnp.sum((old.logp - ref_logp) * mask) / den
         if values is not None:
             metrics["critic/old_value_mean"] = jnp.sum(values * mask) / jnp.maximum(
                 mask.sum(), 1.0)

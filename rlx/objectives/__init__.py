@@ -45,6 +45,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "groups": ("group_ids", "to_groups", "from_groups", "GroupedRows", "scatter_to_groups",
                "gather_from_groups", "broadcast_to_tokens", "Moments", "masked_moments",
                "whiten"),
+    "offpolicy": ("level_log_ratio", "band_weights", "truncated_is", "masked_is",
+                  "decoupled_is_weights", "mismatch_metrics", "mismatch_monitor", "monitored"),
 }
 
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}

@@ -1,0 +1,254 @@
+"""Off-policy corrections for asynchronous RL, composable with ``compose``.
+
+Three per-token log-prob streams exist when rollouts are produced by older policy
+versions than the one being trained (B rows, T completion tokens, token t of row b
+sampled by behaviour version v_b,t):
+
+    sampler_logp    log π_infer(y_t; v_b,t)  the inference engine's log-prob at the
+                    token's behaviour version (after its temperature and truncation);
+    behaviour_logp  log π_train(y_t; v_b,t)  the trainer's forward with the weights of
+                    that same version (the "old logits" of the seed paper);
+    old_logp        log π_train(y_t; v_now)  the trainer's old-policy pass at
+                    consumption time (the proximal policy PPO's clip is centred on).
+
+The total importance ratio of a stale token factors as (arXiv 2605.12070, "Missing
+Old Logits in Asynchronous Agentic RL", seed 003)::
+
+    π_old / π_infer = [π_train(v_b) / π_infer(v_b)] · [π_old(v_now) / π_train(v_b)]
+                       training–inference discrepancy    policy staleness
+
+Reading chosen for the seed paper (its abstract is all the seed gives; the text is
+arXiv 2605.12070): the two factors are corrected separately — the discrepancy factor
+by masked IS in a band [low, high] (it should be ≈ 1; tokens far outside are
+numerical or truncation outliers of the inference engine), the staleness factor by
+truncated IS (it is a genuine off-policy weight, large for stale tokens and not an
+error). Without the old logits (``behaviour_logp`` missing) a pipeline can only form
+the product ``π_old / π_infer``: a band meant for the discrepancy then also masks
+every legitimately stale token, and a cap meant for staleness lets engine outliers
+through — the "semantic mismatch" the paper names. :func:`decoupled_is_weights` is
+the paper's exact route once the old logits are acquired (in rlx the asynchronous
+trainer computes them on the rollout side with the very weights each chunk was
+sampled with: snapshot-based version tracking, ``rlx.train.async_rl``);
+:func:`truncated_is` / :func:`masked_is` on (old_logp, sampler_logp) are the
+entangled single-ratio corrections (TIS / MIS, as in verl and slime) that remain
+when the old logits are missing.
+
+Levels (how the per-token log-ratios ℓ_t = log p_t − log q_t of a row combine):
+
+    "token"      w_t = exp(ℓ_t)
+    "sequence"   w_t = exp(Σ_s ℓ_s m_s)                  (product of token ratios)
+    "geometric"  w_t = exp(Σ_s ℓ_s m_s / max(Σ_s m_s, 1)) (geometric mean, per row)
+
+each log clamped at ±``clamp`` before exp. Modes against the band [low, high]:
+
+    "truncate"   w ← clip(w, low, high)                  (TIS; low = 0: only a cap)
+    "mask"       w ← w · 1[low ≤ w ≤ high]               (MIS: outliers dropped)
+    "reject"     w ← 1[low ≤ w ≤ high]                   (masking without reweighting)
+
+Every function returns weights [B, T] that are 0 on masked tokens and carry no
+gradient, and the fraction of valid tokens whose ratio left the band (global over
+``axis_name`` under ``shard_map``). With ``compose(is_correction=...)`` the weights
+multiply the per-token surrogate; a weight of 0 removes the token's gradient while it
+still counts in the aggregation's denominator (masking *within* the loss; drop it
+from the loss mask instead to change the denominator).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlx.objectives.aggregation import masked, masked_mean, psum, safe_div
+from rlx.objectives.ratios import DEFAULT_LOG_RATIO_CLAMP
+from rlx.objectives.types import Objective, Regularizer
+
+Array = jax.Array
+sg = jax.lax.stop_gradient
+
+LEVELS = ("token", "sequence", "geometric")
+MODES = ("truncate", "mask", "reject")
+
+
+def _check_shapes(**arrays) -> None:
+    shape = None
+    for name, x in arrays.items():
+        if x is None:
+            continue
+        if x.ndim != 2:
+            raise ValueError(f"{name} must be [B,T], got shape {x.shape}")
+        if shape is None:
+            shape = x.shape
+        elif x.shape != shape:
+            raise ValueError(f"{name} has shape {x.shape}, expected {shape}")
+
+
+def _check_band(low: float, high: float, who: str) -> None:
+    if not (low >= 0 and high > low):
+        raise ValueError(f"{who}: band (low={low!r}, high={high!r}) must satisfy "
+                         "0 <= low < high")
+
+
+def level_log_ratio(log_ratio: Array, mask: Array, *, level: str = "token",
+                    clamp: float = DEFAULT_LOG_RATIO_CLAMP) -> Array:
+    """Per-token log-weights [B, T] at ``level`` (module docstring), clamped at ±clamp,
+    0 on masked tokens. ``log_ratio`` [B, T] = log p − log q per token."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    m = (mask > 0).astype(log_ratio.dtype)
+    lr = masked(log_ratio, m)
+    if level == "sequence":
+        lr = jnp.broadcast_to(lr.sum(-1, keepdims=True), lr.shape)
+    elif level == "geometric":
+        lr = jnp.broadcast_to(safe_div(lr.sum(-1), m.sum(-1))[:, None], lr.shape)
+    return jnp.clip(lr, -clamp, clamp) * m
+
+
+def band_weights(log_ratio: Array, mask: Array, *, level: str = "token",
+                 mode: str = "truncate", low: float = 0.0, high: float = 2.0,
+                 clamp: float = DEFAULT_LOG_RATIO_CLAMP, axis_name=None):
+    """Importance weights from per-token log-ratios against the band [low, high].
+
+    r = exp(level_log_ratio(log_ratio)); outside = r < low or r > high;
+    "truncate": w = clip(r, low, high); "mask": w = r·(1 − outside);
+    "reject": w = 1 − outside. Returns (w [B, T] · m (no gradient),
+    Σ outside·m / Σ m over the global batch).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _check_band(low, high, f"band_weights(mode={mode!r})")
+    _check_shapes(log_ratio=log_ratio, mask=mask)
+    m = (mask > 0).astype(log_ratio.dtype)
+    r = jnp.exp(level_log_ratio(sg(log_ratio), m, level=level, clamp=clamp))
+    outside = ((r < low) | (r > high)).astype(m.dtype) * m
+    if mode == "truncate":
+        w = jnp.clip(r, low, high)
+    elif mode == "mask":
+        w = r * (1.0 - outside)
+    else:
+        w = 1.0 - outside
+    frac = safe_div(psum(outside.sum(), axis_name), psum(m.sum(), axis_name))
+    return w * m, frac
+
+
+def truncated_is(old_logp: Array, sampler_logp: Array, mask: Array, *,
+                 level: str = "token", cap: float = 2.0, low: float = 0.0,
+                 clamp: float = DEFAULT_LOG_RATIO_CLAMP, axis_name=None):
+    """Truncated IS (TIS) w = clip(π_old/π_sampler, low, cap) at ``level``.
+
+    ``compose(is_correction=partial(truncated_is, cap=2.))`` compatible; with
+    low = 0 and level "token"/"sequence" it equals
+    ``surrogates.truncated_is_weights(mode="truncate")``. Returns (weights, fraction of
+    valid tokens whose ratio was truncated)."""
+    _check_shapes(old_logp=old_logp, sampler_logp=sampler_logp, mask=mask)
+    return band_weights(old_logp - sampler_logp, mask, level=level, mode="truncate",
+                        low=low, high=cap, clamp=clamp, axis_name=axis_name)
+
+
+def masked_is(old_logp: Array, sampler_logp: Array, mask: Array, *,
+              level: str = "token", low: float = 0.5, high: float = 2.0,
+              reweight: bool = True, clamp: float = DEFAULT_LOG_RATIO_CLAMP,
+              axis_name=None):
+    """Masked IS (MIS): tokens (level "token") or whole rows ("sequence",
+    "geometric") whose ratio π_old/π_sampler leaves [low, high] get weight 0; the
+    others keep w = ratio (``reweight=True``) or 1 (pure rejection). Returns
+    (weights, fraction of valid tokens masked); ``is_correction`` compatible."""
+    _check_shapes(old_logp=old_logp, sampler_logp=sampler_logp, mask=mask)
+    return band_weights(old_logp - sampler_logp, mask, level=level,
+                        mode="mask" if reweight else "reject", low=low, high=high,
+                        clamp=clamp, axis_name=axis_name)
+
+
+def decoupled_is_weights(old_logp: Array, behaviour_logp: Array, sampler_logp: Array,
+                         mask: Array, *, discrepancy_level: str = "token",
+                         discrepancy_band: tuple[float, float] = (0.5, 2.0),
+                         discrepancy_reweight: bool = True,
+                         staleness_level: str = "token",
+                         staleness_cap: float | None = 2.0,
+                         clamp: float = DEFAULT_LOG_RATIO_CLAMP, axis_name=None):
+    """The two-factor correction of arXiv 2605.12070 with exact old logits.
+
+    d = π_train(v_b)/π_infer(v_b) = exp(behaviour_logp − sampler_logp) at
+    ``discrepancy_level``, masked outside ``discrepancy_band`` (kept as d, or as 1
+    with ``discrepancy_reweight=False``); s = π_old(v_now)/π_train(v_b) =
+    exp(old_logp − behaviour_logp) at ``staleness_level``, truncated at
+    ``staleness_cap`` (None: s is not reweighted, the PPO clip around π_old alone
+    bounds the update). w = D(d) · S(s), [B, T], 0 on masked tokens, no gradient.
+
+    Returns (w, {"offpolicy/discrepancy_masked": fraction of valid tokens masked by
+    the discrepancy band, "offpolicy/staleness_truncated": fraction truncated by the
+    staleness cap}). When ``behaviour_logp == old_logp`` (no staleness) this is
+    ``masked_is`` on the discrepancy; when ``behaviour_logp == sampler_logp`` (no
+    discrepancy, inside the band) it is ``truncated_is`` on the staleness.
+    """
+    _check_shapes(old_logp=old_logp, behaviour_logp=behaviour_logp,
+                  sampler_logp=sampler_logp, mask=mask)
+    low, high = discrepancy_band
+    d, d_frac = band_weights(behaviour_logp - sampler_logp, mask, level=discrepancy_level,
+                             mode="mask" if discrepancy_reweight else "reject",
+                             low=low, high=high, clamp=clamp, axis_name=axis_name)
+    if staleness_cap is None:
+        s = (mask > 0).astype(d.dtype)
+        s_frac = jnp.zeros((), d.dtype)
+    else:
+        s, s_frac = band_weights(old_logp - behaviour_logp, mask, level=staleness_level,
+                                 mode="truncate", low=0.0, high=staleness_cap, clamp=clamp,
+                                 axis_name=axis_name)
+    return d * s, {"offpolicy/discrepancy_masked": d_frac,
+                   "offpolicy/staleness_truncated": s_frac}
+
+
+# ------------------------------------------------------------------ diagnostics
+def _pmax(x: Array, axis_name) -> Array:
+    return x if axis_name is None else jax.lax.pmax(x, axis_name)
+
+
+def mismatch_metrics(old_logp: Array, sampler_logp: Array, mask: Array, *,
+                     prefix: str = "offpolicy", clamp: float = DEFAULT_LOG_RATIO_CLAMP,
+                     axis_name=None) -> dict:
+    """Sampler–trainer log-prob gap over valid tokens (global over ``axis_name``).
+
+    With δ_t = old_logp − sampler_logp: ``<prefix>/gap_mean`` = mean δ,
+    ``<prefix>/gap_abs_mean`` = mean |δ|, ``<prefix>/gap_abs_max`` = max |δ|, and
+    ``<prefix>/kl_k3`` = mean (e^δ − 1 − δ) (δ clamped at ±clamp), the k3 estimate
+    of KL(π_sampler ‖ π_trainer) from the sampled tokens (≥ 0).
+    """
+    _check_shapes(old_logp=old_logp, sampler_logp=sampler_logp, mask=mask)
+    m = (mask > 0).astype(old_logp.dtype)
+    gap = masked(sg(old_logp) - sg(sampler_logp), m)
+    dc = jnp.clip(gap, -clamp, clamp)
+    return {f"{prefix}/gap_mean": masked_mean(gap, m, axis_name=axis_name),
+            f"{prefix}/gap_abs_mean": masked_mean(jnp.abs(gap), m, axis_name=axis_name),
+            f"{prefix}/gap_abs_max": _pmax(jnp.max(jnp.abs(gap) * m), axis_name),
+            f"{prefix}/kl_k3": masked_mean(jnp.expm1(dc) - dc, m, axis_name=axis_name)}
+
+
+def mismatch_monitor(*, prefix: str = "offpolicy", name: str = "mismatch_monitor"
+                     ) -> Regularizer:
+    """A zero-loss Regularizer that logs :func:`mismatch_metrics` of
+    (``PolicyBatch.old_logp``, ``PolicyBatch.sampler_logp``) inside the compiled step
+    (nothing when the batch has no sampler log-probs)."""
+
+    def apply(outputs, batch, state, *, axis_name=None):
+        if batch.sampler_logp is None:
+            return None, None, {}
+        return None, None, mismatch_metrics(batch.old_logp, batch.sampler_logp, batch.mask,
+                                            prefix=prefix, axis_name=axis_name)
+
+    return Regularizer(name=name, init=lambda: (), apply=apply, update=lambda s, m: s)
+
+
+def monitored(objective: Objective, *, prefix: str = "offpolicy") -> Objective:
+    """``objective`` with :func:`mismatch_metrics` added to every loss call's metrics
+    (the loss, its gradient and its state are unchanged). Use it for any objective,
+    composed or not, whose batches carry ``sampler_logp``."""
+    inner = objective.loss
+
+    def loss(outputs, batch, state, *, axis_name=None):
+        out = inner(outputs, batch, state, axis_name=axis_name)
+        if batch.sampler_logp is None:
+            return out
+        extra = mismatch_metrics(batch.old_logp, batch.sampler_logp, batch.mask,
+                                 prefix=prefix, axis_name=axis_name)
+        return out.replace(metrics={**out.metrics, **extra})
+
+    return objective._replace(loss=loss, needs=frozenset(objective.needs) | {"sampler_logp"})

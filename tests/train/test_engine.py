@@ -379,3 +379,19 @@ def test_bad_loop_sizes_are_refused_naming_the_field(field, value):
         kw["minibatches"] = 2
     with pytest.raises(ValueError, match=f"RLConfig.{field}"):
         RLConfig(**kw)
+
+
+def test_skipped_old_forward_is_not_compiled_into_the_update(tmp_path):
+    from rlx.train import update as update_lib
+
+    flops = {}
+    for rec in (False, True):        # grpo has a KL loss: the reference pass stays
+        t = _trainer(tmp_path / str(rec), presets.grpo(), recompute_old_logp=rec)
+        batch = t.iteration_batch(t.collect(t.sampling_key()))
+        fn = update_lib.jit_update(t._update_fn, t.mesh, t.state_shardings,
+                                   t.critic_shardings, t.ref_shardings, batch)
+        cost = fn.lower(t.state, None, t.ref_params, batch).compile().cost_analysis()
+        flops[rec] = (cost[0] if isinstance(cost, list) else cost)["flops"]
+        t.close()
+    # one forward of the three (old, reference, update fwd+bwd ≈ 3) is gone
+    assert flops[False] < 0.9 * flops[True], flops

@@ -58,6 +58,7 @@ import threading
 import time
 from typing import Any
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,6 +67,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from rlx.models.convert import CheckpointError
+from rlx.train import signals
 
 log = logging.getLogger("rlx.checkpoint")
 
@@ -418,13 +420,30 @@ class Checkpointer:
         return f"{origin}.fresh-{n}"
 
     def _restore_here(self, abstract_state, wanted, mode, init_state):
-        """(found, mismatch): the result in this directory, or the mismatch ("fresh")."""
-        for step in reversed(self.steps()):
+        """(found, mismatch): the result in this directory, or the mismatch ("fresh").
+
+        Every process checks its own view of every step's metadata; one collective
+        (``_agree``) gives the steps valid on every process, and all processes take the
+        newest of those. Its arrays are then read by every process (each its own
+        shards, no collective) and the outcome agreed again before the digests (a
+        collective) are compared; a step bad on any process is skipped by all.
+        """
+        steps = self._agreed_steps()
+        metas, errors = {}, {}
+        for step in steps:
             try:
-                data, extra, saved_tree, record = self._read_meta(step)
+                metas[step] = self._read_meta(step)
             except _Corrupt as err:
-                self._corrupt(step, err)
+                errors[step] = err
+        valid, bad_on = self._agree([s in metas for s in steps])
+        candidates = [(s, v, b) for s, v, b in zip(steps, valid, bad_on)]
+        for step, ok_everywhere, processes in reversed(candidates):
+            if not ok_everywhere:
+                self._corrupt(step, errors.get(step) or _Corrupt(
+                    f"unreadable on process {processes}"), bad_here=step in errors,
+                    processes=processes)
                 continue
+            data, extra, saved_tree, record = metas[step]
             added, removed, changed = _tree_diff(saved_tree, wanted)
             ident = _identity_diff(record.get("identity"), self.identity)
             mismatch = (CheckpointMismatch(step, self.directory, added, removed, changed, ident)
@@ -433,15 +452,26 @@ class Checkpointer:
                 raise mismatch
             if mismatch is not None and mode == "fresh":
                 return None, mismatch
+            partial = mismatch is not None and mismatch.tree_differs
+            got, err = None, None
             try:
-                if mismatch is not None and mismatch.tree_differs:
-                    state, restored, initialised = self._restore_partial(
-                        step, abstract_state, init_state, saved_tree, wanted, record)
-                else:
-                    state = self._restore_full(step, abstract_state, record)
-                    restored, initialised = sorted(wanted), []
-            except _Corrupt as err:
-                self._corrupt(step, err)
+                got = (self._read_partial(step, abstract_state, init_state, saved_tree, wanted)
+                       if partial else self._read_full(step, abstract_state))
+            except _Corrupt as e:
+                err = e
+            (ok,), (processes,) = self._agree([err is None])
+            if ok:                     # every process holds its arrays: compare digests
+                try:
+                    state, restored, initialised = (
+                        self._check_partial(got, abstract_state if init_state is None
+                                            else init_state, wanted, record) if partial
+                        else (self._check_full(got, record), sorted(wanted), []))
+                except _Corrupt as e:
+                    err = e
+                (ok,), (processes,) = self._agree([err is None])
+            if not ok:
+                self._corrupt(step, err or _Corrupt(f"unreadable on process {processes}"),
+                              bad_here=err is not None, processes=processes)
                 continue
             if mismatch is not None:
                 named = ", ".join(initialised[:_SHOWN]) + (" …" if len(initialised) > _SHOWN
@@ -457,13 +487,39 @@ class Checkpointer:
         self.last_restore = RestoreReport("none", self.directory)
         return None, None
 
+    # ------------------------------------------------------ agreement across hosts
+    def _agreed_steps(self) -> list[int]:
+        """The union of the steps every process sees, ascending (one process: its own)."""
+        mine = self.steps()
+        if jax.process_count() == 1:
+            return mine
+        counts = multihost_utils.process_allgather(np.asarray([len(mine)], np.int64))
+        width = max(1, int(np.max(counts)))
+        padded = np.full((width,), -1, np.int64)
+        padded[:len(mine)] = mine
+        every = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1)
+        return sorted({int(s) for s in every if s >= 0})
+
+    @staticmethod
+    def _agree(flags: list[bool]) -> tuple[list[bool], list[list[int]]]:
+        """(valid everywhere, processes where invalid) per flag. A collective every
+        process calls with the same number of flags."""
+        local = np.asarray(flags, np.int32).reshape(-1)
+        if jax.process_count() == 1:
+            return [bool(f) for f in local], [[] if f else [0] for f in local]
+        every = np.asarray(multihost_utils.process_allgather(local)).reshape(
+            jax.process_count(), local.size)
+        return ([bool(c.all()) for c in every.T],
+                [[int(p) for p in np.flatnonzero(c == 0)] for c in every.T])
+
     def _read_meta(self, step: int):
-        """(data, extra, saved fingerprint, digest record) of ``step``, arrays unread."""
+        """(data, extra, saved fingerprint, digest record) of ``step``, arrays unread.
+        Process-local reads (orbax's handlers, no barriers)."""
+        base = epath.Path(self.directory) / str(step)
         try:
             with _quiet():
-                got = self._manager.restore(step, args=ocp.args.Composite(
-                    data=ocp.args.JsonRestore(), extra=ocp.args.JsonRestore()))
-            data, extra = dict(got.data or {}), dict(got.extra or {})
+                data = dict(ocp.JsonCheckpointHandler().restore(base / "data") or {})
+                extra = dict(ocp.JsonCheckpointHandler().restore(base / "extra") or {})
         except Exception as err:  # noqa: BLE001 - any read failure means "corrupt"
             raise _Corrupt(_one_line(err)) from err
         record = extra.pop(DIGEST_KEY, None) or {}
@@ -473,7 +529,10 @@ class Checkpointer:
             if _meta_digest(step, data, extra, record) != record["meta"]:
                 raise _Corrupt("its metadata (data-iterator state, extra such as the iteration "
                                "counter, fingerprint or identity) differs from its digest")
-            tree = {p: (tuple(shape), dtype) for p, shape, dtype in record["tree"]}
+            try:
+                tree = {p: (tuple(shape), dtype) for p, shape, dtype in record["tree"]}
+            except (TypeError, ValueError, KeyError) as err:
+                raise _Corrupt(f"its fingerprint is malformed ({_one_line(err)})") from err
         else:                      # format 1: the tree from orbax's own metadata
             try:
                 with _quiet():
@@ -492,18 +551,24 @@ class Checkpointer:
             raise ValueError(f"no state metadata in {path}")
         return tree
 
-    def _restore_full(self, step: int, abstract_state: Any, record: dict) -> Any:
+    def _read_full(self, step: int, abstract_state: Any) -> Any:
+        """This process's shards of every leaf of ``step`` (no collective)."""
+        path = epath.Path(self.directory) / str(step) / "state"
         try:
             with _quiet():
-                got = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state)))
-                state = jax.block_until_ready(got.state)
+                got = ocp.StandardCheckpointHandler().restore(
+                    path, args=ocp.args.StandardRestore(abstract_state))
+                return jax.block_until_ready(got)
         except Exception as err:  # noqa: BLE001 - any read failure means "corrupt"
             raise _Corrupt(_one_line(err)) from err
+
+    @staticmethod
+    def _check_full(state: Any, record: dict) -> Any:
         _verify(state, record)
         return state
 
-    def _restore_partial(self, step, abstract_state, init_state, saved_tree, wanted, record):
+    def _read_partial(self, step, abstract_state, init_state, saved_tree, wanted):
+        """{path: array} of the leaves of ``step`` whose path, shape and dtype match."""
         init = init_state if init_state is not None else abstract_state
         if any(not isinstance(x, jax.Array) for x in jax.tree.leaves(init)):
             raise ValueError("on_mismatch='partial' needs the values of the leaves it does "
@@ -529,14 +594,17 @@ class Checkpointer:
                     lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding)
                     if isinstance(x, jax.ShapeDtypeStruct) else None,
                     item, is_leaf=lambda x: x is ocp.PLACEHOLDER)
-                got = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-                    os.path.join(self.directory, str(step), "state"),
+                got = ocp.PyTreeCheckpointHandler().restore(
+                    epath.Path(self.directory) / str(step) / "state",
                     args=ocp.args.PyTreeRestore(item, restore_args=args))
                 got = jax.block_until_ready(got)
         except Exception as err:  # noqa: BLE001 - any read failure means "corrupt"
             raise _Corrupt(_one_line(err)) from err
-        values = {_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(got)
-                  if _path(p) in matched}
+        return {_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(got)
+                if _path(p) in matched}
+
+    @staticmethod
+    def _check_partial(values, init, wanted, record):
         if "meta" in record:       # leaf digests by path (format 2)
             paths = [p for p, _, _ in record["tree"]]
             saved = dict(zip(paths, record["digest"]))
@@ -547,26 +615,52 @@ class Checkpointer:
                 raise _Corrupt(f"restored arrays differ from the saved digest at {bad[:5]}")
         state = jax.tree_util.tree_map_with_path(
             lambda p, x: values.get(_path(p), x), init)
-        return state, sorted(matched), sorted(set(wanted) - matched)
+        return state, sorted(values), sorted(set(wanted) - set(values))
 
-    def _corrupt(self, step: int, err: BaseException) -> None:
-        target = self._quarantine(step)
-        log.warning("checkpoint step %d in %s is unreadable or corrupt (%s); moved to %s, "
-                    "falling back to the previous one", step, self.directory, err, target)
+    def _corrupt(self, step: int, err: BaseException, *, bad_here: bool = True,
+                 processes: list[int] | None = None) -> None:
+        target = self._quarantine(step, bad_here=bad_here)
+        where = (f" on process {processes}" if jax.process_count() > 1 and processes
+                 else "")
+        log.warning("checkpoint step %d in %s is unreadable or corrupt%s (%s); moved to %s, "
+                    "falling back to the previous one", step, self.directory, where, err,
+                    target)
         self.corrupt_steps.append(step)
 
-    def _quarantine(self, step: int) -> str:
+    def _quarantine(self, step: int, *, bad_here: bool = True) -> str:
         """Moves ``<step>`` to the first free name of ``<step>.corrupt``, ``<step>.corrupt.1``,
-        … (an earlier quarantine is never replaced); returns the name used."""
+        … (an earlier quarantine is never replaced); returns the name used.
+
+        Multi-process: the step is moved in the view of every process that found it
+        bad and by process 0 (a shared directory is moved once; a rename that lost
+        the race to another process is fine), then all processes meet at a barrier
+        before listing the directory again.
+        """
         path = os.path.join(self.directory, str(step))
-        target, n = path + ".corrupt", 0
-        while os.path.exists(target):
-            n += 1
-            target = f"{path}.corrupt.{n}"
-        if jax.process_index() == 0 and os.path.isdir(path):
-            os.rename(path, target)
-        self._manager.reload()
+        target = path + ".corrupt"
+        if bad_here or jax.process_index() == 0:
+            target = _free_name(path + ".corrupt")
+            for _ in range(3):
+                if not os.path.isdir(path):
+                    break              # another process of this run moved it first
+                try:
+                    os.rename(path, target)
+                    break
+                except OSError:        # lost a race for the name: take the next free one
+                    target = _free_name(path + ".corrupt")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"rlx_checkpoint_quarantine_{step}")
+        with _quiet():
+            self._manager.reload()
         return os.path.basename(target)
+
+
+def _free_name(target: str) -> str:
+    name, n = target, 0
+    while os.path.exists(name):
+        n += 1
+        name = f"{target}.{n}"
+    return name
 
 
 def _check_mode(mode: str) -> str:
@@ -604,3 +698,154 @@ def abstract_like(tree: Any, shardings: Any = None) -> Any:
                             tree)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)
+
+
+# ------------------------------------------------------------ fixed-length phases
+@gin.configurable(module="rlx.train")
+@dataclasses.dataclass(frozen=True)
+class PhaseCheckpoints:
+    """How the fixed-length phases checkpoint: the SFT warm-up, the reward model and
+    DPO (the RL phase has its own settings in ``rlx.train.RLConfig``).
+
+    Attributes:
+      every_steps: save every N steps (None: by time only).
+      every_minutes: also save once this many minutes passed since the last save
+        (None: by steps only).
+      keep: how many of the newest saves are kept (at least 1).
+    The last step of a phase is always saved.
+    """
+
+    every_steps: int | None = 50
+    every_minutes: float | None = 10.0
+    keep: int = 2
+
+    def __post_init__(self):
+        if self.every_steps is not None and (
+                isinstance(self.every_steps, bool) or not isinstance(self.every_steps, int)
+                or self.every_steps < 1):
+            raise ValueError(f"PhaseCheckpoints.every_steps={self.every_steps!r}: must be an "
+                             "integer >= 1 or None")
+        if self.every_minutes is not None and (
+                isinstance(self.every_minutes, bool)
+                or not isinstance(self.every_minutes, (int, float))
+                or not self.every_minutes > 0):
+            raise ValueError(f"PhaseCheckpoints.every_minutes={self.every_minutes!r}: must "
+                             "be > 0 or None")
+        if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1:
+            raise ValueError(f"PhaseCheckpoints.keep={self.keep!r}: must be an integer >= 1 "
+                             "(a run needs a checkpoint to resume from)")
+
+
+class PhaseLoop:
+    """Checkpoints and signal handling of one fixed-length training loop (SFT, reward
+    model, DPO), so that a killed phase continues from its last save, bitwise::
+
+        with PhaseLoop(directory, phase="the SFT warm-up", steps=n,
+                       identity={...}) as loop:
+            start, state, data_state, extra = loop.restore(state, shardings)
+            for i in range(start, n):
+                state = ...one step...
+                loop.done(i + 1, state, data_state=..., extra=...)
+
+    ``restore`` returns ``(0, state, None, {})`` when nothing is saved (and says on the
+    console when it resumed). ``done`` saves when due (``PhaseCheckpoints``) and always
+    after the last step; ``data_state`` is the JSON state of whatever draws the
+    batches (an RNG), ``extra`` any JSON the loop needs back (logged history). A
+    checkpoint of another state structure or ``identity`` raises
+    ``CheckpointMismatch`` before any step (nothing is touched).
+
+    SIGINT / SIGTERM (``rlx.train.signals``): the unfinished step is dropped, the save in
+    flight finished, one line printed and ``signals.Interrupted`` raised. With
+    ``directory=None`` nothing is saved (the signals are still handled).
+    """
+
+    def __init__(self, directory: str | None, *, phase: str, steps: int,
+                 identity: dict | None = None, config: PhaseCheckpoints | None = None):
+        self.phase, self.steps = phase, steps
+        self.config = config if config is not None else PhaseCheckpoints()
+        self.directory = directory
+        self.identity = identity
+        self.checkpointer: Checkpointer | None = None
+        self.step = 0
+        self.resumed_from: int | None = None
+        self._guard_cm = None
+        self.guard: signals.Guard | None = None
+
+    def __enter__(self) -> "PhaseLoop":
+        self._guard_cm = signals.guard(self.phase)
+        self.guard = self._guard_cm.__enter__()
+        try:
+            if self.directory is not None:
+                self.checkpointer = Checkpointer(
+                    self.directory, every_steps=self.config.every_steps,
+                    every_minutes=self.config.every_minutes, keep=self.config.keep,
+                    identity=self.identity)
+        except BaseException as err:
+            self._guard_cm.__exit__(type(err), err, err.__traceback__)
+            raise
+        return self
+
+    def restore(self, state: Any, shardings: Any = None) -> tuple[int, Any, dict | None, dict]:
+        """(first step to run, state, data_state, extra) from the newest good save."""
+        if self.checkpointer is None:
+            return 0, state, None, {}
+        with self.guard.deferred():
+            found = self.checkpointer.restore_latest(abstract_like(state, shardings))
+        if found is None:
+            return 0, state, None, {}
+        step, restored, data_state, extra = found
+        self.step = self.resumed_from = int(step)
+        if jax.process_index() == 0:
+            print(f"resumed {self.phase} from checkpoint step {step} of {self.steps} in "
+                  f"{self.checkpointer.directory}", flush=True)
+        return int(step), restored, data_state, extra
+
+    def done(self, step: int, state: Any, *, data_state: dict | None = None,
+             extra: dict | None = None) -> None:
+        """Step ``step`` (1-based) is complete: saves when due and after the last one."""
+        self.guard.check()
+        self.step = step
+        if self.checkpointer is None:
+            return
+        with self.guard.deferred():
+            if step >= self.steps:
+                self.checkpointer.save(step, state, data_state, extra)
+            else:
+                self.checkpointer.maybe_save(step, state, data_state, extra)
+
+    def _newest(self) -> str:
+        if self.checkpointer is None:
+            return "its start (this phase keeps no checkpoints)"
+        steps = self.checkpointer.steps()
+        return (f"checkpoint step {steps[-1]} in {self.checkpointer.directory}" if steps
+                else f"the start of {self.phase} (no checkpoint yet)")
+
+    def __exit__(self, kind, err, tb) -> bool:
+        try:
+            if isinstance(err, signals.Interrupted):
+                signals.stop(err, phase=self.phase, step=self.step, total=self.steps,
+                             wait=self.checkpointer.wait if self.checkpointer else None,
+                             resume_from=self._newest)
+            if self.checkpointer is not None and isinstance(err, signals.Interrupted):
+                self.checkpointer.close()    # waited for above; a second signal exits now
+            elif self.checkpointer is not None:
+                try:
+                    with self.guard.deferred():
+                        self.checkpointer.close()
+                except signals.Interrupted as late:
+                    signals.stop(late, phase=self.phase, step=self.step, total=self.steps,
+                                 resume_from=self._newest)
+                    raise
+        finally:
+            self._guard_cm.__exit__(kind, err, tb)
+        return False
+
+
+def data_fingerprint(items) -> str:
+    """SHA-256 (16 hex digits) of the ``repr`` of each item: what a phase trains on, for a
+    checkpoint ``identity`` (another data set is a mismatch, not a resume)."""
+    h = hashlib.sha256()
+    for item in items:
+        h.update(repr(item).encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]

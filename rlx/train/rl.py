@@ -24,6 +24,7 @@ masked out of the loss.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -45,6 +46,7 @@ from rlx.train import checkpoint as ckpt_lib
 from rlx.train import flops as flops_lib
 from rlx.train import state as state_lib
 from rlx.train import packing
+from rlx.train import signals
 from rlx.train import update as update_lib
 from rlx.train.batches import Sequences
 from rlx.train.data import ProblemStream
@@ -480,39 +482,79 @@ class RLTrainer:
         return True
 
     def save(self, force: bool = False) -> None:
+        """Checkpoints the policy (and critic) state, the data-iterator position and the
+        iteration counter when due (always with ``force``). A SIGINT / SIGTERM arriving
+        while the save is being started waits until it is (``rlx.train.signals``)."""
         states = {"policy": self.state}
         if self.critic is not None:
             states["critic"] = self.critic.state
         args = (self.iteration_index, states, self.stream.get_state(),
                 {"iteration": self.iteration_index})
-        if force:
-            self.checkpointer.save(*args)
-        else:
-            self.checkpointer.maybe_save(*args)
+        guard = getattr(self, "_signals", None)
+        with guard.deferred() if guard is not None else contextlib.nullcontext():
+            if force:
+                self.checkpointer.save(*args)
+            else:
+                self.checkpointer.maybe_save(*args)
 
     def run(self) -> list[dict]:
+        """Resumes, runs the remaining iterations (checkpointing as configured) and
+        makes a final save. SIGINT / SIGTERM stop the loop at once: the unfinished
+        iteration is dropped, the save in flight is finished, one line says where a
+        rerun resumes, and ``signals.Interrupted`` (a ``SystemExit``, code 128 + signal)
+        is raised."""
         history = []
-        self.resume()
-        while self.iteration_index < self.config.steps:
-            metrics = self.iteration()
-            texts, problems, rewards = (metrics.pop("_texts"), metrics.pop("_problems"),
-                                        metrics.pop("_rewards"))
-            every = self.config.eval_every
-            if self.evaluator is not None and every and self.iteration_index % every == 0:
-                metrics.update(self.evaluator(self.state.params))
-            row = self.logger.log(self.iteration_index, metrics)
-            every = self.config.log_samples_every
-            if every and self.iteration_index % every == 0:
-                g = self.sampler.num_generations
-                self.logger.samples(self.iteration_index,
-                                    [problems[i // g].prompt for i in range(len(texts))],
-                                    texts, rewards.reshape(-1))
-            history.append(row)
-            self.save()
-        self.save(force=True)
-        self.checkpointer.wait()
+        with signals.guard("the RL phase") as guard:
+            self._signals = guard
+            try:
+                self.resume()
+                while self.iteration_index < self.config.steps:
+                    guard.check()
+                    metrics = self.iteration()
+                    texts, problems, rewards = (metrics.pop("_texts"), metrics.pop("_problems"),
+                                                metrics.pop("_rewards"))
+                    every = self.config.eval_every
+                    if self.evaluator is not None and every and self.iteration_index % every == 0:
+                        metrics.update(self.evaluator(self.state.params))
+                    row = self.logger.log(self.iteration_index, metrics)
+                    every = self.config.log_samples_every
+                    if every and self.iteration_index % every == 0:
+                        g = self.sampler.num_generations
+                        self.logger.samples(self.iteration_index,
+                                            [problems[i // g].prompt for i in range(len(texts))],
+                                            texts, rewards.reshape(-1))
+                    history.append(row)
+                    guard.check()
+                    self.save()
+                self.save(force=True)
+                self.checkpointer.wait()
+            except signals.Interrupted as err:
+                def newest() -> str:
+                    steps = self.checkpointer.steps()
+                    return (f"checkpoint step {steps[-1]} in {self.checkpointer.directory}"
+                            if steps else "the start of the RL phase (no checkpoint yet)")
+                signals.stop(err, phase="the RL phase", step=self.iteration_index,
+                             total=self.config.steps, wait=self.checkpointer.wait,
+                             resume_from=newest)
+                raise
+            finally:
+                self._signals = None
         return history
 
     def close(self) -> None:
-        self.checkpointer.close()
-        self.logger.close()
+        """Finishes any save in flight and closes the checkpointer and the logger. A
+        first SIGINT / SIGTERM meanwhile waits for the save to complete (then stops
+        the process with one line); a second one exits at once, leaving only orbax's
+        temporary directory, which the next run removes."""
+        try:
+            with signals.guard("closing the RL phase") as guard:
+                try:
+                    with guard.deferred():
+                        self.checkpointer.close()
+                except signals.Interrupted as err:
+                    signals.stop(err, phase="closing the RL phase",
+                                 step=self.iteration_index, total=self.config.steps,
+                                 resume_from=lambda: "its newest checkpoint (complete)")
+                    raise
+        finally:
+            self.logger.close()

@@ -1,0 +1,148 @@
+"""A tiny asynchronous RL run (k = 2, partial rollouts) that resumes after a kill.
+
+Usage: async_resume_run.py RUN_DIR OUT_NPZ
+Runs ``AsyncRLTrainer.run()`` (tiny model, char tokenizer, 1-digit arithmetic, GRPO
+with token-level truncated IS, 6 iterations × 4 prompts × G=4, 4 new tokens in two
+chunks, fixed schedule, a checkpoint every iteration) in RUN_DIR, then writes the
+final training state to OUT_NPZ. Started again with the same arguments after being
+killed, it resumes from its newest good checkpoint, rollout queue included.
+
+Test hooks (environment), each writing the file $RLX_TEST_MARKER and then sleeping
+until the process is killed:
+  RLX_TEST_PAUSE=step:K   after the update of iteration K (1-based) changed the
+                          in-memory state and published the next version, while later
+                          batches are queued or being generated, before its
+                          checkpoint (the save of iteration K − 1 is complete).
+  RLX_TEST_PAUSE=save:K   in the middle of the asynchronous save of iteration K (all
+                          files in orbax's temporary directory, not yet renamed).
+"""
+
+import functools
+import os
+import sys
+import time
+
+run_dir, out_path = sys.argv[1], sys.argv[2]
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.pop("XLA_FLAGS", None)
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+if os.environ.get("RLX_TEST_CACHE"):
+    jax.config.update("jax_compilation_cache_dir", os.environ["RLX_TEST_CACHE"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import numpy as np  # noqa: E402
+from orbax.checkpoint._src.path import atomicity  # noqa: E402
+
+from rlx.data.tokenizer import Tokenizer  # noqa: E402
+from rlx.models import api, config  # noqa: E402
+from rlx.objectives import compose, group_advantages, grpo_advantages, offpolicy  # noqa: E402
+from rlx.objectives import seq_mean_token_mean, surrogates  # noqa: E402
+from rlx.rewards.pool import RewardPool  # noqa: E402
+from rlx.sampling.config import SamplerConfig  # noqa: E402
+from rlx.tasks import get_task  # noqa: E402
+from rlx.train import optim  # noqa: E402
+from rlx.train import state as state_lib  # noqa: E402
+from rlx.train.async_rl import AsyncConfig, AsyncRLTrainer  # noqa: E402
+from rlx.train.data import ProblemStream  # noqa: E402
+from rlx.train.logger import RunLogger  # noqa: E402
+from rlx.train.rl import RLConfig  # noqa: E402
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character of a fixed alphabet; 0 = pad, 1 = bos, 2 = eos."""
+
+    ALPHABET = "0123456789+-*/= "
+
+    @property
+    def vocab_size(self) -> int:
+        return 3 + len(self.ALPHABET)
+
+    @property
+    def bos_id(self) -> int:
+        return 1
+
+    @property
+    def eos_id(self) -> int:
+        return 2
+
+    @property
+    def pad_id(self) -> int:
+        return 0
+
+    def _encode(self, text: str) -> list[int]:
+        return [3 + self.ALPHABET.index(c) for c in text]
+
+    def decode(self, ids, *, skip_special: bool = True) -> str:
+        return "".join(self.ALPHABET[i - 3] if i >= 3 else ("" if skip_special else f"<{i}>")
+                       for i in map(int, ids))
+
+
+def _hang(reason: str) -> None:
+    with open(os.environ["RLX_TEST_MARKER"], "w") as f:
+        f.write(reason)
+    while True:
+        time.sleep(60)
+
+
+pause_kind, _, pause_at = os.environ.get("RLX_TEST_PAUSE", "").partition(":")
+
+if pause_kind == "save":
+    _finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def _paused_finalize(self, *args, **kwargs):
+        if self.get_final().name == pause_at:
+            _hang(f"saving {self.get()}")
+        return await _finalize(self, *args, **kwargs)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = _paused_finalize
+
+tok = CharTokenizer()
+task = get_task("arithmetic", digits=1)
+problems = task.train(64, seed=0)
+graphdef, params = api.init(config.model_config("tiny", vocab_size=tok.vocab_size), seed=0)
+objective = compose(   # GRPO without KL, stale tokens reweighted by truncated IS
+    advantages=group_advantages(grpo_advantages),
+    surrogate=functools.partial(surrogates.ppo_clip_loss, eps_low=0.2),
+    aggregation=seq_mean_token_mean,
+    is_correction=functools.partial(offpolicy.truncated_is, cap=2.0))
+tx = optim.optimizer(learning_rate=1e-2)
+rl_config = RLConfig(steps=6, prompts_per_step=4, checkpoint_every=1, eval_every=0,
+                     log_samples_every=0, keep_checkpoints=3)
+sampler = SamplerConfig(max_new_tokens=4, num_generations=4, stop_token_ids=(tok.eos_id,),
+                        pad_id=tok.pad_id, prompt_buckets=(8,), completion_buckets=(4,))
+trainer = AsyncRLTrainer(
+    graphdef=graphdef, state=state_lib.create(params, tx, seed=0, objective_state=objective.init()),
+    tx=tx, objective=objective, tokenizer=tok, stream=ProblemStream(problems, seed=0),
+    reward_pool=RewardPool(task.reward_spec(format_weight=1.0), backend="inline"), sampler=sampler,
+    config=rl_config, run_dir=run_dir,
+    logger=RunLogger(run_dir, total_steps=rl_config.steps, tensorboard=False, console=False),
+    async_config=AsyncConfig(max_staleness=2, partial_rollouts=True, chunk_tokens=2))
+
+if pause_kind == "step":
+    _update_step = trainer.update_step
+
+    def _paused_update_step(batch):
+        metrics = _update_step(batch)
+        if trainer.iteration_index + 1 == int(pause_at):
+            jax.block_until_ready(trainer.state)
+            trainer.checkpointer.wait()      # so the newest checkpoint is exactly K - 1
+            pipe = trainer._pipeline
+            deadline = time.monotonic() + 60
+            while not (pipe.ready or pipe.inflight) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            _hang(f"iteration {pause_at} updated, not saved; rollouts in flight: "
+                  f"ready {sorted(pipe.ready)}, running {sorted(pipe.inflight)}")
+        return metrics
+
+    trainer.update_step = _paused_update_step
+
+trainer.run()
+final = jax.device_get(trainer.state)
+trainer.close()
+leaves = jax.tree_util.tree_leaves_with_path(final)
+np.savez(out_path, **{jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves})
+print("finished", flush=True)

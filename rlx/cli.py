@@ -142,7 +142,11 @@ class _DropGinSearchMisses(logging.Filter):
         return not str(record.msg).startswith("Path not found")
 
 
-def _write_operative_config(run_dir: str) -> None:
+def _write_operative_config(run_dir: str, check=None) -> None:
+    if check is not None:    # at the start of a run: every setting is checked first
+        from rlx.recipes import validate
+        validate.check(check)
+    os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "operative_config.gin"), "w") as f:
         f.write(gin.operative_config_str())
 
@@ -215,6 +219,7 @@ def train_main(gin_files=(), gin_params=()) -> dict:
     parse_config(gin_files, gin_params)
     exp = Experiment()
     print(kernel_line(exp), flush=True)
+    _write_operative_config(exp.run_dir, check=exp)      # so a killed run leaves it too
     summary = run(exp)
     _write_operative_config(exp.run_dir)
     print(format_train_summary(summary), flush=True)
@@ -262,6 +267,7 @@ def preference_main(kind: str, gin_files=(), gin_params=()) -> dict:
     parse_config(gin_files, gin_params)
     exp = rlhf.RLHFExperiment() if kind == "rlhf" else rlhf.DPOExperiment()
     print(kernel_line(exp.base), flush=True)
+    _write_operative_config(exp.base.run_dir, check=exp)  # so a killed run leaves it too
     summary = rlhf.run_rlhf(exp) if kind == "rlhf" else rlhf.run_dpo(exp)
     _write_operative_config(exp.base.run_dir)
     print(format_preference_summary(summary), flush=True)

@@ -33,7 +33,7 @@ from rlx.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from rlx.models import api
 from rlx.models import config as model_lib
 from rlx.objectives import presets
-from rlx.recipes import bindings
+from rlx.recipes import bindings, validate
 from rlx.recipes.components import ResolvedObjective, resolve_objective, resolve_task
 from rlx.recipes.sft import prompt_bos, run_sft
 from rlx.rewards import spec as spec_lib
@@ -187,6 +187,7 @@ class Plan:
 
 def plan(exp, *, extra_rules=()) -> Plan:
     """Objective, task, settings check, mesh, problems and reward spec of ``exp``."""
+    validate.check(exp)            # every size, rate, path and name, before any work
     resolved = resolve_objective(exp.objective)
     factory = None
     if not exp.data_file and not isinstance(exp.task, Task):
@@ -363,7 +364,8 @@ def prepare(exp, *, total_steps: int, planned: Plan | None = None) -> Prepared:
         cfg, graphdef, params = build_model(exp, tok.vocab_size)
         params = cached(os.path.join(exp.run_dir, "sft"), params, lambda: run_sft(
             graphdef, params, tok, pl.task, train, steps=exp.sft_steps,
-            batch=exp.sft_batch, lr=exp.sft_lr, seed=exp.seed, mesh=pl.mesh, logger=logger),
+            batch=exp.sft_batch, lr=exp.sft_lr, seed=exp.seed, mesh=pl.mesh, logger=logger,
+            checkpoint_dir=os.path.join(exp.run_dir, "sft_progress")),
             skip=not exp.sft_steps, step=exp.sft_steps)[0]
         p = Prepared(pl, tok, train, heldout, sampler, pool, logger, cfg, graphdef, params, {})
         p.before = p.evaluate(params)

@@ -26,8 +26,12 @@ DPO (``run_dpo``; arXiv 2305.18290, also IPO / SimPO via ``loss``): SFT warm-up 
 same pairs → DPO-family steps against the frozen SFT policy → held-out accuracy before
 and after, and held-out preference accuracy.
 
-Restarts: the SFT, reward-model and DPO results are saved under the run directory and
-reused by the same command; the RL phase resumes from its own checkpoints.
+Restarts: every phase checkpoints and resumes (a kill anywhere, then the same command,
+continues from the last save): the SFT warm-up (``<run_dir>/sft_progress``, its result
+in ``<run_dir>/sft``), the reward model (``<run_dir>/reward_model``), DPO
+(``<run_dir>/dpo``) and the RL phase with its critic (``<run_dir>/checkpoints``); how
+often: ``rlx.train.PhaseCheckpoints`` and ``rlx.train.RLConfig``. A finished phase is
+restored, not retrained.
 """
 
 from __future__ import annotations
@@ -149,20 +153,16 @@ def run_rlhf(exp: RLHFExperiment) -> dict:
         rm_graphdef, rm_params = api.init(p.cfg, kind="reward", seed=base.seed)
         rm_params["trunk"] = jax.tree.map(jnp.copy, p.params["trunk"])
 
-        def fit():
-            params, report = pref.train_reward_model(
-                rm_graphdef, rm_params, train_pairs, heldout_pairs, steps=exp.rm_steps,
-                batch_size=min(exp.rm_batch, train_pairs.chosen.tokens.shape[0]),
-                lr=exp.rm_lr, margin=exp.rm_margin, seed=base.seed, mesh=p.mesh,
-                logger=p.logger)
-            rc, rr = pref.reward_scores(rm_graphdef, params, train_pairs)
-            both = np.concatenate([rc, rr])
-            report = {k: v for k, v in report.items() if k != "history"}
-            return params, {**report, "rm/train_score_mean": float(both.mean()),
-                            "rm/train_score_std": float(both.std())}
-
-        rm_params, rm_report = prepare.cached(os.path.join(base.run_dir, "reward_model"),
-                                              rm_params, fit, step=exp.rm_steps)
+        rm_params, rm_report = pref.train_reward_model(
+            rm_graphdef, rm_params, train_pairs, heldout_pairs, steps=exp.rm_steps,
+            batch_size=min(exp.rm_batch, train_pairs.chosen.tokens.shape[0]),
+            lr=exp.rm_lr, margin=exp.rm_margin, seed=base.seed, mesh=p.mesh,
+            logger=p.logger, checkpoint_dir=os.path.join(base.run_dir, "reward_model"))
+        rc, rr = pref.reward_scores(rm_graphdef, rm_params, train_pairs)
+        both = np.concatenate([rc, rr])
+        rm_report = {**{k: v for k, v in rm_report.items() if k != "history"},
+                     "rm/train_score_mean": float(both.mean()),
+                     "rm/train_score_std": float(both.std())}
         print(f"reward model held-out pair accuracy: {rm_report['rm/accuracy']:.3f} "
               f"(before training {rm_report['rm/accuracy_before']:.3f})", flush=True)
         learned = LearnedReward(
@@ -200,17 +200,14 @@ def run_dpo(exp: DPOExperiment) -> dict:
         train_pairs, heldout_pairs = preference_pairs(exp, p)
         reference = jax.tree.map(jnp.copy, p.params)
 
-        def fit():
-            params, report = pref.train_dpo(
-                p.graphdef, p.params, reference, train_pairs, heldout_pairs,
-                steps=exp.dpo_steps,
-                batch_size=min(exp.dpo_batch, train_pairs.chosen.tokens.shape[0]),
-                lr=exp.dpo_lr, loss=exp.loss, beta=exp.beta, seed=base.seed, mesh=p.mesh,
-                logger=p.logger, log_offset=0, **exp.loss_kwargs)
-            return params, {k: v for k, v in report.items() if k != "history"}
-
-        params, report = prepare.cached(os.path.join(base.run_dir, "dpo"), p.params, fit,
-                                        step=exp.dpo_steps)
+        params, report = pref.train_dpo(
+            p.graphdef, p.params, reference, train_pairs, heldout_pairs,
+            steps=exp.dpo_steps,
+            batch_size=min(exp.dpo_batch, train_pairs.chosen.tokens.shape[0]),
+            lr=exp.dpo_lr, loss=exp.loss, beta=exp.beta, seed=base.seed, mesh=p.mesh,
+            logger=p.logger, log_offset=0, checkpoint_dir=os.path.join(base.run_dir, "dpo"),
+            **exp.loss_kwargs)
+        report = {k: v for k, v in report.items() if k != "history"}
         after = p.evaluate(params)
         summary = {"experiment": "dpo", "objective": exp.loss,
                    "accuracy_before_dpo": p.before["eval/accuracy"],

@@ -849,3 +849,10 @@ def data_fingerprint(items) -> str:
         h.update(repr(item).encode("utf-8", "surrogatepass"))
         h.update(b"\x00")
     return h.hexdigest()[:16]
+
+
+def tree_identity(tree: Any) -> str:
+    """SHA-256 (16 hex digits) of a pytree's leaf digests (:func:`state_digest`): the
+    values a phase starts from, for a checkpoint ``identity`` (a phase whose starting
+    point changed — another SFT result, model or seed — is a mismatch, not a resume)."""
+    return hashlib.sha256(json.dumps(state_digest(tree)).encode()).hexdigest()[:16]

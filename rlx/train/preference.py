@@ -17,6 +17,13 @@ Loops (host side; the updates are the jitted steps of ``rlx.train.steps``):
   against a frozen reference whose summed response log-probs are computed once per
   pair before training; held-out preference accuracy P[h > 0] with the implicit-reward
   margin h = (log π_c − log π_ref,c) − (log π_r − log π_ref,r), before and after.
+
+Resumable: with ``checkpoint_dir`` both loops save the training state, the position of
+the minibatch RNG and the logged history as ``rlx.train.PhaseCheckpoints`` says (and
+after the last step); a killed loop rerun with the same arguments continues from its
+last save and ends bitwise where an uninterrupted one ends (CPU). The checkpoints'
+identity (steps, batch size, lr, seed, loss settings, the pairs and the starting
+parameters) must match, else ``CheckpointMismatch`` is raised before any step.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import numpy as np
 
 from rlx import sharding as sh
 from rlx.data.records import PreferencePair
+from rlx.train import checkpoint as ckpt_lib
 from rlx.train import optim
 from rlx.train import state as state_lib
 from rlx.train import steps as steps_lib
@@ -166,51 +174,81 @@ def preference_accuracy(graphdef, params, batch: PairBatch) -> dict:
 
 
 # --------------------------------------------------------------------------- loops
+def pairs_fingerprint(batch: PairBatch) -> str:
+    """SHA-256 (16 hex digits) of a pair set's token ids and masks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for x in jax.tree.leaves((batch.chosen, batch.rejected, batch.chosen_mask,
+                              batch.rejected_mask)):
+        a = np.asarray(sh.host_value(x))
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
 def _train(step_factory, params, batch: PairBatch, *, steps: int, batch_size: int,
            lr: float, seed: int, mesh, log_every: int, logger,
-           log_offset: int | None):
+           log_offset: int | None, phase: str, identity: dict,
+           checkpoint_dir: str | None = None,
+           checkpoints: ckpt_lib.PhaseCheckpoints | None = None):
     """Shared loop: random minibatches of ``batch_size`` pairs, ``steps`` jitted steps.
     Logged at step ``i + 1 + log_offset`` (None: ``-steps``, i.e. ending at 0 like the
-    SFT warm-up, for a phase that precedes RL)."""
+    SFT warm-up, for a phase that precedes RL). Resumable (module docstring)."""
     log_offset = -steps if log_offset is None else log_offset
     n = batch.chosen.tokens.shape[0]
     if batch_size > n:
         raise ValueError(f"batch_size={batch_size} exceeds the {n} training pairs")
     mesh = mesh or sh.make_mesh()
     tx = optim.warmup_cosine(lr, steps)
+    ident = {**identity, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+             "pairs": pairs_fingerprint(batch), "init": ckpt_lib.tree_identity(params)}
     state = state_lib.create(params, tx, seed=seed)
     shardings = sh.state_shardings(state, mesh)
     state = sh.place(state, shardings)
     rng = np.random.default_rng(seed)
-    step_fn, history = None, []
-    for i in range(steps):
-        mb = sh.shard_batch(take(batch, rng.choice(n, batch_size, replace=False)), mesh)
-        if step_fn is None:
-            step_fn = steps_lib.jit_step(step_factory(tx), mesh, shardings, mb)
-        state, metrics = step_fn(state, mb)
-        if (i + 1) % log_every == 0 or i + 1 == steps:
-            row = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            history.append({"step": i + 1, **row})
-            if logger is not None:
-                logger.log(i + 1 + log_offset, row)
+    step_fn = None
+    with ckpt_lib.PhaseLoop(checkpoint_dir, phase=phase, steps=steps, identity=ident,
+                            config=checkpoints) as loop:
+        start, state, data_state, extra = loop.restore(state, shardings)
+        if data_state and "rng" in data_state:
+            rng.bit_generator.state = data_state["rng"]
+        history = list(extra.get("history", []))
+        for i in range(start, steps):
+            mb = sh.shard_batch(take(batch, rng.choice(n, batch_size, replace=False)), mesh)
+            if step_fn is None:
+                step_fn = steps_lib.jit_step(step_factory(tx), mesh, shardings, mb)
+            state, metrics = step_fn(state, mb)
+            if (i + 1) % log_every == 0 or i + 1 == steps:
+                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                history.append({"step": i + 1, **row})
+                if logger is not None:
+                    logger.log(i + 1 + log_offset, row)
+            loop.done(i + 1, state, data_state={"rng": rng.bit_generator.state},
+                      extra={"history": history})
     return state.params, history
 
 
 def train_reward_model(graphdef, params, train: PairBatch, heldout: PairBatch, *,
                        steps: int, batch_size: int = 32, lr: float = 1e-3,
                        margin: float | None = None, seed: int = 0, mesh=None,
-                       log_every: int = 25, logger=None, log_offset: int | None = None
+                       log_every: int = 25, logger=None, log_offset: int | None = None,
+                       checkpoint_dir: str | None = None,
+                       checkpoints: ckpt_lib.PhaseCheckpoints | None = None
                        ) -> tuple[Any, dict]:
     """Bradley-Terry training of a reward model (``api.init(cfg, kind="reward")``).
 
     Returns (params, report) with ``rm/accuracy_before``, ``rm/accuracy`` (after),
     ``rm/margin`` on ``heldout`` and the logged training rows under ``history``.
+    ``checkpoint_dir``: resume from / save to it (module docstring).
     """
     before = reward_model_accuracy(graphdef, params, heldout)
     params, history = _train(
         lambda tx: steps_lib.make_reward_model_step(graphdef, tx, margin=margin),
         params, train, steps=steps, batch_size=batch_size, lr=lr, seed=seed, mesh=mesh,
-        log_every=log_every, logger=logger, log_offset=log_offset)
+        log_every=log_every, logger=logger, log_offset=log_offset,
+        phase="reward-model training", identity={"phase": "reward_model", "margin": margin},
+        checkpoint_dir=checkpoint_dir, checkpoints=checkpoints)
     after = reward_model_accuracy(graphdef, params, heldout)
     return params, {"rm/accuracy_before": before["rm/accuracy"], **after,
                     "history": history}
@@ -219,7 +257,9 @@ def train_reward_model(graphdef, params, train: PairBatch, heldout: PairBatch, *
 def train_dpo(graphdef, params, ref_params, train: PairBatch, heldout: PairBatch, *,
               steps: int, batch_size: int = 32, lr: float = 1e-4, loss: str = "dpo",
               beta: float = 0.1, seed: int = 0, mesh=None, log_every: int = 25,
-              logger=None, log_offset: int | None = None, **loss_kwargs
+              logger=None, log_offset: int | None = None,
+              checkpoint_dir: str | None = None,
+              checkpoints: ckpt_lib.PhaseCheckpoints | None = None, **loss_kwargs
               ) -> tuple[Any, dict]:
     """DPO-family training of the policy against the frozen ``ref_params``.
 
@@ -227,7 +267,8 @@ def train_dpo(graphdef, params, ref_params, train: PairBatch, heldout: PairBatch
     Returns (params, report): ``pref/accuracy`` (P[h>0]), ``pref/margin`` (mean h),
     ``pref/logp_accuracy`` on ``heldout`` after training, the same with ``_before``
     (h ≡ 0 at the start, so only the log-prob accuracy is informative there), and
-    ``history``.
+    ``history``. ``checkpoint_dir``: resume from / save to it (module docstring; the
+    identity includes the reference parameters).
     """
     train = with_reference_logprobs(graphdef, ref_params, train)
     heldout = with_reference_logprobs(graphdef, ref_params, heldout)
@@ -236,7 +277,12 @@ def train_dpo(graphdef, params, ref_params, train: PairBatch, heldout: PairBatch
         lambda tx: steps_lib.make_preference_step(graphdef, tx, loss=loss, beta=beta,
                                                   **loss_kwargs),
         params, train, steps=steps, batch_size=batch_size, lr=lr, seed=seed, mesh=mesh,
-        log_every=log_every, logger=logger, log_offset=log_offset)
+        log_every=log_every, logger=logger, log_offset=log_offset,
+        phase=f"{loss.upper()} training",
+        identity={"phase": "preference", "loss": loss, "beta": beta,
+                  "loss_kwargs": dict(sorted(loss_kwargs.items())),
+                  "reference": ckpt_lib.tree_identity(ref_params)},
+        checkpoint_dir=checkpoint_dir, checkpoints=checkpoints)
     after = preference_accuracy(graphdef, params, heldout)
     return params, {**{f"{k}_before": v for k, v in before.items()}, **after,
                     "history": history}

@@ -574,6 +574,10 @@ class AsyncRLTrainer(RLTrainer):
         if self.config.dynamic_sampling and cfg.partial_rollouts:
             raise ValueError("AsyncConfig.partial_rollouts with RLConfig.dynamic_sampling is "
                              "not supported (a dynamic-sampling round is not split in chunks)")
+        if cfg.max_staleness > 0 and jax.process_count() > 1:
+            raise ValueError("AsyncConfig.max_staleness > 0 needs a single process: on a "
+                             "multi-host run the producer thread and the trainer would issue "
+                             "their collectives in a different order on each host")
         if cfg.old_logits == "exact" and self.sampler.greedy:
             raise ValueError("AsyncConfig.old_logits='exact' compares sampler and trainer "
                              "log-probs; greedy sampling (temperature 0) has none")
@@ -1006,10 +1010,14 @@ class AsyncRLTrainer(RLTrainer):
 
     def _decode_queue(self, payload: dict, data_state) -> dict:
         """The queue of a checkpoint, its problems drawn again from the stream."""
-        if payload.get("format") != QUEUE_FORMAT or payload.get("units") != self.units:
-            log.warning("the checkpoint's rollout queue (format %s, %s unit(s) per batch) does "
-                        "not fit this run (%d unit(s)); it is regenerated with the restored "
-                        "weights", payload.get("format"), payload.get("units"), self.units)
+        cfg = self.async_config
+        saved = (payload.get("format"), payload.get("units"), payload.get("schedule"),
+                 payload.get("max_staleness"))
+        if saved != (QUEUE_FORMAT, self.units, cfg.schedule, cfg.max_staleness):
+            log.warning("the checkpoint's rollout queue (format, units per batch, schedule, "
+                        "max_staleness = %s) does not fit this run (%s); it is regenerated with "
+                        "the restored weights", saved,
+                        (QUEUE_FORMAT, self.units, cfg.schedule, cfg.max_staleness))
             return {}
         ready, inflight = {}, {}
         for e in sorted(payload["batches"], key=lambda e: e["index"]):

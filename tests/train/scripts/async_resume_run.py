@@ -7,14 +7,11 @@ chunks, fixed schedule, a checkpoint every iteration) in RUN_DIR, then writes th
 final training state to OUT_NPZ. Started again with the same arguments after being
 killed, it resumes from its newest good checkpoint, rollout queue included.
 
-Test hooks (environment), each writing the file $RLX_TEST_MARKER and then sleeping
-until the process is killed:
-  RLX_TEST_PAUSE=step:K   after the update of iteration K (1-based) changed the
-                          in-memory state and published the next version, while later
-                          batches are queued or being generated, before its
-                          checkpoint (the save of iteration K − 1 is complete).
-  RLX_TEST_PAUSE=save:K   in the middle of the asynchronous save of iteration K (all
-                          files in orbax's temporary directory, not yet renamed).
+Test hook (environment): RLX_TEST_PAUSE=step:K pauses after the update of
+iteration K (1-based) changed the in-memory state and published the next version,
+while later batches are queued or being generated, before its checkpoint (the save
+of iteration K − 1 is complete); it writes $RLX_TEST_MARKER (saying what is in
+flight) and sleeps until the process is killed.
 """
 
 import functools
@@ -35,7 +32,6 @@ if os.environ.get("RLX_TEST_CACHE"):
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import numpy as np  # noqa: E402
-from orbax.checkpoint._src.path import atomicity  # noqa: E402
 
 from rlx.data.tokenizer import Tokenizer  # noqa: E402
 from rlx.models import api, config  # noqa: E402
@@ -89,16 +85,6 @@ def _hang(reason: str) -> None:
 
 
 pause_kind, _, pause_at = os.environ.get("RLX_TEST_PAUSE", "").partition(":")
-
-if pause_kind == "save":
-    _finalize = atomicity.AtomicRenameTemporaryPath.finalize
-
-    async def _paused_finalize(self, *args, **kwargs):
-        if self.get_final().name == pause_at:
-            _hang(f"saving {self.get()}")
-        return await _finalize(self, *args, **kwargs)
-
-    atomicity.AtomicRenameTemporaryPath.finalize = _paused_finalize
 
 tok = CharTokenizer()
 task = get_task("arithmetic", digits=1)

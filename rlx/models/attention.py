@@ -55,6 +55,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
       [B, S, H, Dh] in q's dtype.
     """
     b, s, h, dh = q.shape
+    if s == 1:
+        return attend_one_query(q, k, v, allowed, prefix)
     kh = k.shape[2]
     r = h // kh
     qg = q.reshape(b, s, kh, r, dh) * jnp.asarray(dh ** -0.5, q.dtype)
@@ -81,3 +83,48 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
     out_p = jnp.einsum("pgkrst,ptkd->pgskrd", pp, vp, preferred_element_type=jnp.float32)
     out = out + out_p.reshape(b, s, kh, r, dh)
     return out.reshape(b, s, h, dh).astype(q.dtype)
+
+
+def attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
+                     prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None
+                     ) -> jax.Array:
+    """``attend`` for one query token per row (S = 1, a decode step); same arguments.
+
+    A decode step is a matrix-vector product per (row, kv head): it is written as fused
+    multiply-reduces over the cache in its own [B, T, K, Dh] layout. The einsum form of
+    ``attend`` lowers to batched dots whose batch axes (b, k) must lead, so XLA first
+    copies every layer's whole cache (and the shared prefix) to [B, K, T, Dh] at every
+    step; here each key and value is read once, in place. The two key regions (shared
+    prefix, per-row slots) are normalised together without concatenating them:
+    softmax over both = exp(s − m) / (Σ_prefix + Σ_rows) with m the joint maximum.
+    """
+    b, s, h, dh = q.shape
+    if s != 1:
+        raise ValueError(f"attend_one_query: expected one query token per row, got S={s}")
+    kh = k.shape[2]
+    r = h // kh
+    f32 = jnp.float32
+    qf = q.astype(f32).reshape(b, kh, r, dh) * f32(dh ** -0.5)
+    # [B, T, K, R]: row slots
+    scores = jnp.sum(qf[:, None] * k.astype(f32)[:, :, :, None, :], axis=-1)
+    scores = jnp.where(allowed[:, 0, :, None, None], scores, NEG_INF)
+    m = jnp.max(scores, axis=1, keepdims=True)                       # [B, 1, K, R]
+    if prefix is not None:
+        kp, vp, validp = prefix
+        p, tp = kp.shape[0], kp.shape[1]
+        g = b // p
+        qp = qf.reshape(p, g, 1, kh, r, dh)
+        # [P, G, Tp, K, R]: the prompt's keys once per prompt, read by its G rows
+        sp = jnp.sum(qp * kp.astype(f32)[:, None, :, :, None, :], axis=-1)
+        sp = jnp.where(validp[:, None, :, None, None], sp, NEG_INF)
+        m = jnp.maximum(m, jnp.max(sp, axis=2).reshape(b, 1, kh, r))
+    e = jnp.exp(scores - m)
+    denom = jnp.sum(e, axis=1)                                        # [B, K, R]
+    out = jnp.sum(e[..., None] * v.astype(f32)[:, :, :, None, :], axis=1)  # [B, K, R, Dh]
+    if prefix is not None:
+        ep = jnp.exp(sp - m.reshape(p, g, 1, kh, r))
+        denom = denom + jnp.sum(ep, axis=2).reshape(b, kh, r)
+        out_p = jnp.sum(ep[..., None] * vp.astype(f32)[:, None, :, :, None, :], axis=2)
+        out = out + out_p.reshape(b, kh, r, dh)
+    out = out / denom[..., None]
+    return out.reshape(b, 1, h, dh).astype(q.dtype)

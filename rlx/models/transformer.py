@@ -74,14 +74,11 @@ class Attention(nnx.Module):
             out = _dense_attention(cfg, q, k, v, context)
         else:
             slot = context["slot"]
-            ck = jax.lax.dynamic_update_slice(cache.k[layer], k.astype(cache.k.dtype),
-                                              (0, slot, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cache.v[layer], v.astype(cache.v.dtype),
-                                              (0, slot, 0, 0))
+            ck, cv = cache.layer(layer)       # this layer's own buffers: updated in place
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, slot, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, slot, 0, 0))
             new_kv = (ck, cv)
-            prefix = None
-            if cache.prefix_k is not None:
-                prefix = (cache.prefix_k[layer], cache.prefix_v[layer], cache.prefix_mask)
+            prefix = cache.prefix_layer(layer)
             if s == 1 and cfg.decode_page_size > 0:
                 # LServe page selection for a decode step (prefill stays dense);
                 # imported lazily like the kernel backends (pulls in Pallas).
@@ -193,7 +190,7 @@ class Trunk(nnx.Module):
                 new_v.append(kv[1])
         x = self.final_norm(x)
         if cache is not None:
-            cache = cache.replace(k=jnp.stack(new_k), v=jnp.stack(new_v), mask=kv_mask)
+            cache = cache.with_layers(new_k, new_v).replace(mask=kv_mask)
         return x, cache
 
 

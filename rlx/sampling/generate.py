@@ -208,12 +208,14 @@ def _constrain(x, mesh, data_axis, row_axis: int):
 
 
 def _constrain_cache(cache: KVCache, mesh, data_axis) -> KVCache:
-    c = functools.partial(_constrain, mesh=mesh, data_axis=data_axis)
-    return cache.replace(k=c(cache.k, row_axis=1), v=c(cache.v, row_axis=1),
-                         mask=c(cache.mask, row_axis=0),
-                         prefix_k=c(cache.prefix_k, row_axis=1),
-                         prefix_v=c(cache.prefix_v, row_axis=1),
-                         prefix_mask=c(cache.prefix_mask, row_axis=0))
+    """Rows (and prompts) of every cache buffer over ``data_axis``."""
+    if mesh is None:
+        return cache
+    c = functools.partial(_constrain, mesh=mesh, data_axis=data_axis, row_axis=0)
+    layers = lambda xs: None if xs is None else tuple(map(c, xs))  # noqa: E731
+    return cache.replace(k=layers(cache.k), v=layers(cache.v), mask=c(cache.mask),
+                         prefix_k=layers(cache.prefix_k), prefix_v=layers(cache.prefix_v),
+                         prefix_mask=c(cache.prefix_mask))
 
 
 def _constrain_state(state: DecodeState, mesh, data_axis) -> DecodeState:

@@ -251,6 +251,6 @@ def test_bfloat16_compute_runs_and_tracks_float32(policy):
     logp, ent = _logprobs(graphdef, params, tokens, tokens, positions, mask)
     assert logp.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logp)))
     cache = cache_lib.init_cache(cfg, 2, 6)
-    assert cache.k.dtype == jnp.bfloat16
+    assert cache.dtype == jnp.bfloat16 and all(x.dtype == jnp.bfloat16 for x in cache.k + cache.v)
     step_logits, _ = _step(graphdef, params, tokens, positions, mask, cache, 0)
     assert bool(jnp.all(jnp.isfinite(step_logits)))

@@ -122,6 +122,7 @@ def test_decode_donates_the_cache_and_the_sampling_state(policy, prompts):
     out, _ = decode(graphdef, params, cache, state, x["prompts"], x["prompt_mask"], key,
                     x["prompt_index"], x["forced"], x["forced_lengths"], jnp.int32(8),
                     config=batch.config, mesh=None, data_axis="data")
-    assert cache.k.is_deleted() and cache.prefix_k.is_deleted()
+    buffers = cache.k + cache.v + cache.prefix_k + cache.prefix_v
+    assert len(buffers) == 4 * cfg.num_layers and all(x.is_deleted() for x in buffers)
     assert state.tokens.is_deleted()
     assert int(out.decode_steps) == 8

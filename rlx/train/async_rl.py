@@ -445,8 +445,11 @@ class RolloutPipeline:
             self.next_batch = j + 1
         return gen
 
-    def _run_unit(self, gen: Generation, pub: Published) -> None:
+    def _run_unit(self, gen: Generation, weights) -> None:
+        """One unit of ``gen`` after the boundary check, with ``weights()``'s version
+        (read after a pause, so the free schedule takes the newest)."""
         self._boundary()
+        pub = weights()
         self.newest_used = max(self.newest_used, pub.version)
         self.work.advance(gen, pub)
 
@@ -465,7 +468,7 @@ class RolloutPipeline:
                         break
                     gen = self._open(j)
                 while not gen.done and self.required(j, gen.chunk) <= v:
-                    self._run_unit(gen, pub)
+                    self._run_unit(gen, lambda: pub)
                 if gen.done:
                     self._finish(j, gen)
                 j += 1
@@ -486,7 +489,7 @@ class RolloutPipeline:
                                     and max(self._published) >= floor else None))
                 gen = self._open(j)
             while not gen.done:
-                self._run_unit(gen, self._wait(self._newest))
+                self._run_unit(gen, lambda: self._wait(self._newest))
             self._finish(j, gen)
 
 
@@ -604,10 +607,11 @@ class AsyncRLTrainer(RLTrainer):
         trainer's buffers). Tests replace this to inject failures."""
         return jax.device_put(params, self._rollout_shardings, may_alias=False)
 
-    def _fail(self, err: BaseException) -> None:
+    def _fail(self, err: BaseException, cause: BaseException | None = None) -> None:
+        """Stops the producer (it never sees the failed version), then raises ``err``."""
         if self._pipeline is not None:
             self._pipeline.stop(timeout=5.0)
-        raise err
+        raise err from cause
 
     def _publish(self, version: int) -> None:
         """Copies the current parameters to the rollout layout as ``version``,
@@ -636,12 +640,9 @@ class AsyncRLTrainer(RLTrainer):
                 "no rollout uses that version"))
         if "error" in box:
             err = box["error"]
-            try:
-                self._fail(WeightTransferError(
-                    f"publishing policy version {version} to the rollout devices failed: "
-                    f"{type(err).__name__}: {err}"))
-            except WeightTransferError as wrapped:
-                raise wrapped from err
+            self._fail(WeightTransferError(
+                f"publishing policy version {version} to the rollout devices failed: "
+                f"{type(err).__name__}: {err}"), cause=err)
         dst, want, got = box["result"]
         if list(want) != list(got):
             paths = [sh.path_string(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
@@ -720,8 +721,10 @@ class AsyncRLTrainer(RLTrainer):
         return texts, rewards, components
 
     def _ready(self, gen: Generation, groups, metrics) -> ReadyBatch:
+        """The first P groups (rollout, i, rewards, components, texts, problem, round)
+        stacked into the engine's ``Collected``, with what a checkpoint needs."""
         p = self.config.prompts_per_step
-        groups = groups[:p]                       # (rollout, i, ..., problem, round)
+        groups = groups[:p]
         collected = self._stack([grp[:6] for grp in groups], metrics)
         return ReadyBatch(collected=collected, stream_state=gen.stream_state,
                           draws=list(gen.draws), drawn=list(gen.problems),
@@ -838,10 +841,9 @@ class AsyncRLTrainer(RLTrainer):
         ulen = (np.asarray(user_lengths, np.int32) if user_lengths is not None
                 else np.zeros((b,), np.int32))
         a["user_lengths"] = ulen
-        vr = self._assemble(a)
-        if exact:
+        if exact:        # this chunk's tokens under this chunk's weights
             t0 = time.perf_counter()
-            a["behaviour_logp"] = np.where(new, self._behaviour_logp(pub, vr),
+            a["behaviour_logp"] = np.where(new, self._behaviour_logp(pub, self._assemble(a)),
                                            a["behaviour_logp"]).astype(np.float32)
             metrics["producer/time_behaviour"] = (metrics.get("producer/time_behaviour", 0.0)
                                                   + time.perf_counter() - t0)

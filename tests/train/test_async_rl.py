@@ -41,6 +41,31 @@ P, G, NEW = 4, 4, 4
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
+# ----------------------------------------------------------------------- config
+def test_config_is_gin_configurable_and_validated():
+    import gin
+
+    gin.clear_config()
+    try:
+        gin.parse_config(["rlx.train.AsyncConfig.max_staleness = 2",
+                          'rlx.train.AsyncConfig.placement = "split"',
+                          "rlx.train.AsyncConfig.partial_rollouts = True"])
+        cfg = AsyncConfig()
+        assert (cfg.max_staleness, cfg.placement, cfg.partial_rollouts) == (2, "split", True)
+    finally:
+        gin.clear_config()
+    for kw, match in [({"max_staleness": -1}, "max_staleness=-1"),
+                      ({"max_staleness": True}, "max_staleness=True"),
+                      ({"placement": "remote"}, "placement='remote'"),
+                      ({"schedule": "eager"}, "schedule='eager'"),
+                      ({"old_logits": "ewma"}, "old_logits='ewma'"),
+                      ({"chunk_tokens": 0}, "chunk_tokens=0"),
+                      ({"discrepancy_band": (2.0, 1.0)}, "discrepancy_band"),
+                      ({"publish_timeout_s": 0}, "publish_timeout_s=0")]:
+        with pytest.raises(ValueError, match=match):
+            AsyncConfig(**kw)
+
+
 # ------------------------------------------------------------------ the fake producer
 class FakeWork:
     """Units that sleep a random time and record the version they ran with; batch j

@@ -460,6 +460,26 @@ def test_checkpoint_with_rollouts_in_flight_resumes_to_the_same_run(tmp_path):
     assert [r["async/lag_mean"] for r in got] == [r["async/lag_mean"] for r in want[2:]]
 
 
+def test_free_schedule_checkpoint_resumes_its_queue(tmp_path):
+    """The free schedule pauses between two chunks for a checkpoint; a new trainer
+    continues whatever was queued (finished or half-generated) within the bound."""
+    cfg = AsyncConfig(max_staleness=1, schedule="free", partial_rollouts=True, chunk_tokens=1)
+    first = _trainer(tmp_path, steps=5, async_config=cfg)
+    first.iteration()
+    first.iteration()
+    first.save(force=True)
+    first.checkpointer.wait()
+    first.close()
+    extra = json.loads((tmp_path / "checkpoints" / "2" / "extra" / "metadata").read_text())
+    queued = {e["index"]: e["state"] for e in extra["async_queue"]["batches"]}
+    assert set(queued) <= {2, 3}
+    again = _trainer(tmp_path, steps=5, async_config=cfg)
+    history = again.run()
+    again.close()
+    assert len(history) == 3 and all(r["async/lag_max"] <= 1 for r in history)
+    assert int(jax.device_get(again.state.step)) == 5
+
+
 def _start(script, *args, env=None, log):
     full = {k: v for k, v in os.environ.items() if not k.startswith("RLX_TEST_")}
     full.update(env or {})

@@ -93,6 +93,7 @@ Shapes: P prompts, G group size, B = P·G rows, T completion bucket, Sp prompt b
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -696,28 +697,29 @@ class AsyncRLTrainer(RLTrainer):
                              self.rollout_mesh)
         return np.asarray(sh.host_value(self._behaviour_fn(pub.params, seq)), np.float32)
 
-    def _score(self, gen: Generation, rollout, problems, metrics: dict):
-        """Texts and rewards of one round (as ``RLTrainer.collect`` scores them)."""
+    def _score_round(self, gen: Generation, rollout, problems, metrics: dict):
+        """Texts and rewards of one round, as ``RLTrainer.collect`` scores them
+        (``RLTrainer._score``: once, broadcast from process 0)."""
         p, g = len(problems), self.sampler.num_generations
         t0 = time.perf_counter()
         texts = self._decode(rollout)
         t1 = time.perf_counter()
-        scored = self.pool.score(texts, [q for q in problems for _ in range(g)])
-        if gen.index == 0 and hasattr(scored, "raise_if_all_failed"):
-            scored.raise_if_all_failed()
-        bad = {k: getattr(scored, k, 0) for k in ("failures", "timeouts", "crashes")}
+        scored = self._score(texts, [q for q in problems for _ in range(g)])
+        if gen.index == 0 and scored["all_failed"]:
+            raise RuntimeError(scored["all_failed"])      # a reward broken on every call
+        bad = {k: scored["counts"].get(k, 0) for k in ("failures", "timeouts", "crashes")}
         if any(bad.values()):
             log.warning("batch %d: reward calls failed %s; e.g. %s", gen.index, bad,
-                        "; ".join(scored.errors[:2]))
+                        "; ".join(scored["errors"][:2]))
         for name, dt in (("decode", t1 - t0), ("reward", time.perf_counter() - t1)):
             metrics[f"producer/time_{name}"] = metrics.get(f"producer/time_{name}", 0.0) + dt
-        for k, v in scored.metrics().items():
+        for k, v in scored["metrics"].items():
             if k.endswith(("failures", "timeouts", "crashes", "seconds")):
                 metrics[k] = metrics.get(k, 0.0) + v
             else:
                 metrics[k] = v
-        rewards = np.asarray(scored.scores, np.float32).reshape(p, g)
-        components = np.asarray(scored.components, np.float32).reshape(p, g, -1)
+        rewards = np.asarray(scored["scores"], np.float32).reshape(p, g)
+        components = np.asarray(scored["components"], np.float32).reshape(p, g, -1)
         return texts, rewards, components
 
     def _ready(self, gen: Generation, groups, metrics) -> ReadyBatch:
@@ -761,7 +763,7 @@ class AsyncRLTrainer(RLTrainer):
                                 * host.completion_mask)
                 metrics["producer/time_behaviour"] = (metrics.get("producer/time_behaviour",
                                                                   0.0) + time.perf_counter() - t0)
-            texts, rewards, components = self._score(gen, vr, problems, metrics)
+            texts, rewards, components = self._score_round(gen, vr, problems, metrics)
             metrics["dynamic_sampling/rounds"] = float(round_ + 1)
             g = self.sampler.num_generations
             for i in range(p):
@@ -850,7 +852,7 @@ class AsyncRLTrainer(RLTrainer):
         gen.chunk += 1
         if a["finished"].all() or limit >= n:
             vr = self._assemble(a)
-            texts, rewards, components = self._score(gen, vr, gen.problems, metrics)
+            texts, rewards, components = self._score_round(gen, vr, gen.problems, metrics)
             metrics["dynamic_sampling/rounds"] = 1.0
             metrics["dynamic_sampling/kept_groups"] = float(p)
             metrics["producer/chunks"] = float(gen.chunk)
@@ -970,6 +972,8 @@ class AsyncRLTrainer(RLTrainer):
         return data_state, payload
 
     def save(self, force: bool = False) -> None:
+        """``RLTrainer.save`` with the producer at its barrier and the queue in the
+        checkpoint's extra (module docstring, "Checkpoints")."""
         step = self.iteration_index
         if not force and not self.checkpointer.due(step):
             return
@@ -985,9 +989,13 @@ class AsyncRLTrainer(RLTrainer):
                 data_state, extra[QUEUE_KEY] = self._encode_queue(snap)
             finally:
                 self._pipeline.release()
-        self.checkpointer.save(step, states, data_state, extra)
+        guard = getattr(self, "_signals", None)       # as RLTrainer.save: SIGINT/SIGTERM wait
+        with guard.deferred() if guard is not None else contextlib.nullcontext():
+            self.checkpointer.save(step, states, data_state, extra)
 
     def resume(self) -> bool:
+        """``RLTrainer.resume``, then the checkpoint's rollout queue (if any) restored
+        for the producer."""
         if self._pipeline is not None:
             raise RuntimeError("AsyncRLTrainer.resume() after the producer started")
         box = {}

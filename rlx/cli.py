@@ -5,7 +5,12 @@
     rlx dpo   [--gin_file F]... [--gin_param B]...   DPO / IPO / SimPO on preference pairs
     rlx convert hf-to-rlx | rlx-to-hf                checkpoints between HF and rlx folders
 
-(also ``python -m rlx.cli ...``). Every gin binding is parsed and checked against the
+(also ``python -m rlx.cli ...``). Several hosts: ``rlx train`` / ``rlhf`` / ``dpo`` start
+``jax.distributed`` themselves before building the mesh — auto-detected on Cloud TPU
+pods, SLURM and Open MPI (jax's own cluster detection), or from
+``--coordinator_address HOST:PORT --num_processes N --process_id I`` given to every
+process (``rlx.sharding.init_distributed``); only process 0 prints and writes files.
+Every gin binding is parsed and checked against the
 registered configurables before anything is built or compiled, so a mistyped name
 fails at once with gin's error naming it; the recipes then refuse, still before
 building anything, bindings they would ignore (``rlx.recipes.bindings``). The
@@ -27,7 +32,9 @@ becomes a one-line ``rlx: error: ...`` on stderr and exit code 2.
 
 ``rlx convert``: the rlx side is the pickle-free folder of ``rlx.models.convert.save_rlx``:
 ``config.json`` (ModelConfig fields) and ``params.safetensors`` keyed by '/'-joined
-parameter paths. Tokenizer files found in the source folder are copied along.
+parameter paths. Tokenizer files found in the source folder are copied along; the
+Hugging Face side also gets the tokenizer's bos/eos/pad ids in config.json and a
+generation_config.json (``rlx.models.convert.save_hf(tokenizer=...)``).
 """
 
 from __future__ import annotations
@@ -142,13 +149,25 @@ class _DropGinSearchMisses(logging.Filter):
         return not str(record.msg).startswith("Path not found")
 
 
+def _primary() -> bool:
+    import jax
+    return jax.process_index() == 0
+
+
 def _write_operative_config(run_dir: str, check=None) -> None:
     if check is not None:    # at the start of a run: every setting is checked first
         from rlx.recipes import validate
         validate.check(check)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "operative_config.gin"), "w") as f:
-        f.write(gin.operative_config_str())
+    if _primary():
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "operative_config.gin"), "w") as f:
+            f.write(gin.operative_config_str())
+
+
+def _say(text: str) -> None:
+    """Prints on process 0 only (every process of a multi-host run runs the same code)."""
+    if _primary():
+        print(text, flush=True)
 
 
 def _gin_options(parser) -> None:
@@ -161,9 +180,30 @@ def _gin_options(parser) -> None:
 
 
 def _write_summary(path: str | None, summary: dict) -> None:
-    if path:
+    if path and _primary():
         with open(path, "w") as f:
             json.dump(summary, f, indent=2)
+
+
+def _distributed_options(parser) -> None:
+    group = parser.add_argument_group(
+        "several hosts", "jax.distributed starts by itself on Cloud TPU pods, SLURM and "
+        "Open MPI; elsewhere pass all three to every process")
+    group.add_argument("--coordinator_address", "--coordinator-address",
+                       dest="coordinator_address", default=None,
+                       help="HOST:PORT of process 0 (or JAX_COORDINATOR_ADDRESS)")
+    group.add_argument("--num_processes", "--num-processes", dest="num_processes",
+                       type=int, default=None, help="number of processes (hosts)")
+    group.add_argument("--process_id", "--process-id", dest="process_id", type=int,
+                       default=None, help="this process's index, 0 .. num_processes-1")
+
+
+def start_distributed(args) -> int:
+    """``rlx.sharding.init_distributed`` from the parsed flags (before any device is
+    touched); returns the process count."""
+    from rlx import sharding
+    return sharding.init_distributed(args.coordinator_address, args.num_processes,
+                                     args.process_id)
 
 
 # ---------------------------------------------------------------------------- train
@@ -218,11 +258,11 @@ def train_main(gin_files=(), gin_params=()) -> dict:
     gin.clear_config()
     parse_config(gin_files, gin_params)
     exp = Experiment()
-    print(kernel_line(exp), flush=True)
+    _say(kernel_line(exp))
     _write_operative_config(exp.run_dir, check=exp)      # so a killed run leaves it too
     summary = run(exp)
     _write_operative_config(exp.run_dir)
-    print(format_train_summary(summary), flush=True)
+    _say(format_train_summary(summary))
     return summary
 
 
@@ -245,9 +285,11 @@ def format_train_summary(s: dict) -> str:
 @register("train", help="run an experiment (default: the embedded CPU experiment)")
 def _configure_train(parser) -> None:
     _gin_options(parser)
+    _distributed_options(parser)
 
     def run(args):
         logging.basicConfig(level=logging.WARNING)
+        start_distributed(args)
         _write_summary(args.summary_json, train_main(args.gin_file, args.gin_param))
         return 0
 
@@ -266,11 +308,11 @@ def preference_main(kind: str, gin_files=(), gin_params=()) -> dict:
     gin.clear_config()
     parse_config(gin_files, gin_params)
     exp = rlhf.RLHFExperiment() if kind == "rlhf" else rlhf.DPOExperiment()
-    print(kernel_line(exp.base), flush=True)
+    _say(kernel_line(exp.base))
     _write_operative_config(exp.base.run_dir, check=exp)  # so a killed run leaves it too
     summary = rlhf.run_rlhf(exp) if kind == "rlhf" else rlhf.run_dpo(exp)
     _write_operative_config(exp.base.run_dir)
-    print(format_preference_summary(summary), flush=True)
+    _say(format_preference_summary(summary))
     return summary
 
 
@@ -302,9 +344,11 @@ def format_preference_summary(s: dict) -> str:
 def _configure_preference(kind: str):
     def configure(parser) -> None:
         _gin_options(parser)
+        _distributed_options(parser)
 
         def run(args):
             logging.basicConfig(level=logging.WARNING)
+            start_distributed(args)
             _write_summary(args.summary_json,
                            preference_main(kind, args.gin_file, args.gin_param))
             return 0
@@ -339,10 +383,19 @@ def _rlx_to_hf(args) -> int:
     from rlx.models import convert
 
     config, _, params = convert.load_rlx(args.rlx_dir)
+    # The tokenizer (its files, bos/eos/pad ids, generation_config.json) goes through
+    # save_hf; a generation_config.json without a tokenizer is carried as it is.
+    tokenizer = args.rlx_dir if convert.has_tokenizer(args.rlx_dir) else None
+    generation = None
+    gen_path = os.path.join(args.rlx_dir, convert.GENERATION_FILE)
+    if tokenizer is None and os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            generation = json.load(f)
     files = convert.save_hf(args.out, config, params, dtype=args.dtype,
                             shard_size=args.shard_size, architecture=args.architecture,
-                            overwrite=args.overwrite)
-    copied = convert.copy_tokenizer_files(args.rlx_dir, args.out)
+                            overwrite=args.overwrite, tokenizer=tokenizer,
+                            generation=generation)
+    copied = sorted(n for n in os.listdir(args.out) if n in convert.TOKENIZER_FILES)
     print(f"wrote {args.out}: {len(files)} safetensors file(s) ({args.dtype})"
           + (f", tokenizer files {copied}" if copied else ""))
     return 0

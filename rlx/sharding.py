@@ -27,12 +27,13 @@ a statistic must be reduced explicitly.
 
 from __future__ import annotations
 
+import os
 import re
+import weakref
 from typing import Any, Sequence
 
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -213,22 +214,74 @@ def state_shardings(state, mesh: Mesh, rules=None):
 def place(tree, shardings):
     """device_put a pytree onto matching shardings (works on multi-host too).
 
-    Leaves are host values, process-local arrays, or (multi-host) global arrays that
-    span other processes, e.g. the parameters of an earlier sharded phase; those are
-    resharded on device, since no single host holds their value.
+    Every leaf gets fresh buffers (the steps donate their state, which must not delete
+    the caller's arrays) and goes straight into its shards: a host array is sliced on
+    the host, a device array is resharded, never gathered whole onto one device first.
+    The exception are arrays given up with ``hand_over`` that already have their
+    target sharding: those are moved (returned as they are), so handing a state built
+    in its shards to an owner that places it costs no second copy. On multi-host runs
+    leaves are host values, process-local arrays, or global arrays that span other
+    processes (e.g. the parameters of an earlier sharded phase), which are resharded on
+    device since no single host holds their value.
     """
-    if jax.process_count() > 1:
-        def put(x, s):
-            if _spans_processes(x):
-                # A fresh buffer (may_alias=False): the steps donate their state.
-                return jax.device_put(x, s, may_alias=False)
-            x = np.asarray(x)
-            return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-        return jax.tree.map(put, tree, shardings)
-    # Copy first: a replicated put may alias the source buffer on its own device, and
-    # the steps donate their state, which would delete the caller's arrays.
-    tree = jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
-    return jax.device_put(tree, shardings)
+    multi = jax.process_count() > 1
+
+    def put(x, s):
+        if _take_handed(x, s):
+            return x
+        if not multi or _spans_processes(x):
+            return _fresh_put(x, s)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+    return jax.tree.map(put, tree, shardings)
+
+
+def _buffers(x) -> set[int]:
+    if isinstance(x, jax.Array):
+        return {s.data.unsafe_buffer_pointer() for s in x.addressable_shards}
+    if isinstance(x, np.ndarray):
+        return {x.ctypes.data}
+    return set()
+
+
+def _fresh_put(x, sharding):
+    """``device_put(x, sharding)`` in buffers of its own. ``may_alias=False`` is not
+    enough: a put that replicates a one-device array keeps the source buffer as the
+    shard on its own device (jax 0.10), so such a shard is copied once more."""
+    y = jax.device_put(x, sharding, may_alias=False)
+    source = _buffers(x)
+    if source and any(s.data.unsafe_buffer_pointer() in source for s in y.addressable_shards):
+        y = jax.jit(lambda a: a.copy(), out_shardings=sharding)(y)
+    return y
+
+
+#: id(array) -> weak reference, for the arrays given up with ``hand_over``.
+_HANDED: dict[int, weakref.ref] = {}
+
+
+def hand_over(tree):
+    """Marks the device arrays of ``tree`` as given up by their owner and returns
+    ``tree``: the next ``place`` of each onto the sharding it already has moves it
+    instead of copying it. The caller must not use those arrays afterwards (the new
+    owner's steps may donate, i.e. delete, them)."""
+    for x in jax.tree.leaves(tree):
+        if isinstance(x, jax.Array):
+            key = id(x)
+            _HANDED[key] = weakref.ref(x, lambda _, key=key: _HANDED.pop(key, None))
+    return tree
+
+
+def _take_handed(x, sharding) -> bool:
+    """True (and forgets the mark) when ``x`` was handed over and already lies in
+    ``sharding``."""
+    ref = _HANDED.get(id(x))
+    if ref is None or ref() is not x:
+        return False
+    del _HANDED[id(x)]
+    try:
+        return x.sharding.is_equivalent_to(sharding, x.ndim)
+    except (AttributeError, TypeError, ValueError):
+        return False
 
 
 def _spans_processes(x) -> bool:
@@ -247,3 +300,81 @@ def host_value(tree):
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
     return jax.tree.map(get, tree)
+
+
+def broadcast_bytes(blob: bytes | None) -> bytes:
+    """Process 0's ``blob`` on every process (a collective: all processes call it; the
+    others may pass None). Single-process: ``blob`` itself."""
+    if jax.process_count() == 1:
+        return b"" if blob is None else bytes(blob)
+    mine = bytes(blob or b"") if jax.process_index() == 0 else b""
+    n = int(multihost_utils.broadcast_one_to_all(np.asarray(len(mine), np.int64)))
+    buf = np.frombuffer(mine, np.uint8) if mine else np.zeros((n,), np.uint8)
+    return np.asarray(multihost_utils.broadcast_one_to_all(buf), np.uint8).tobytes()
+
+
+# ------------------------------------------------------------------- several hosts
+def detect_cluster() -> tuple[str, int] | None:
+    """(name, process count) of the multi-process launcher this process runs under, as
+    jax's own cluster detection sees it (``jax._src.clusters``: Cloud TPU pods on GCE
+    and GKE, SLURM, Open MPI, Kubernetes, ...; opt-in methods such as mpi4py are not
+    probed), or None outside any."""
+    try:
+        from jax._src import clusters
+    except ImportError:          # a jax without the module: no auto-detection
+        return None
+    for env in clusters.ClusterEnv._cluster_types:
+        if getattr(env, "opt_in_only_method", False):
+            continue
+        try:
+            if not env.is_env_present():
+                continue
+            count = int(env.get_process_count())
+        except Exception:       # noqa: BLE001 - a half-present environment is not one
+            continue
+        return getattr(env, "name", "") or env.__name__, count
+    return None
+
+
+def init_distributed(coordinator_address: str | None = None,
+                     num_processes: int | None = None, process_id: int | None = None, *,
+                     initialization_timeout: int = 300) -> int:
+    """Starts ``jax.distributed`` when this process is one of several; returns the
+    process count. Call it before anything touches a device (the mesh, an array).
+
+    Explicit (``rlx train --coordinator_address HOST:PORT --num_processes N
+    --process_id I``): ``num_processes`` and ``process_id`` are required together (the
+    address may come from ``JAX_COORDINATOR_ADDRESS``); N = 1 starts nothing. Otherwise
+    the launcher is auto-detected (``detect_cluster``) and, when it runs more than one
+    process, ``jax.distributed.initialize()`` reads everything from it. A single plain
+    process starts nothing. Idempotent: an initialised runtime is left as it is.
+    """
+    if jax.distributed.is_initialized():
+        return jax.process_count()
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if num_processes is None or process_id is None:
+            raise ValueError("--num_processes and --process_id are needed together (with "
+                             "--coordinator_address or JAX_COORDINATOR_ADDRESS), got "
+                             f"num_processes={num_processes!r}, process_id={process_id!r}")
+        if isinstance(num_processes, bool) or not isinstance(num_processes, int) \
+                or num_processes < 1:
+            raise ValueError(f"num_processes={num_processes!r}: must be an integer >= 1")
+        if isinstance(process_id, bool) or not isinstance(process_id, int) \
+                or not 0 <= process_id < num_processes:
+            raise ValueError(f"process_id={process_id!r}: must be in [0, {num_processes})")
+        if num_processes == 1:
+            return 1
+        address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+        if not address:
+            raise ValueError("several processes need --coordinator_address HOST:PORT (or "
+                             "JAX_COORDINATOR_ADDRESS): process 0's address")
+        jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
+                                   process_id=process_id,
+                                   initialization_timeout=initialization_timeout)
+        return jax.process_count()
+    found = detect_cluster()
+    if found is None or found[1] <= 1:
+        return 1
+    jax.distributed.initialize(initialization_timeout=initialization_timeout)
+    return jax.process_count()

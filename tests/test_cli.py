@@ -61,20 +61,56 @@ def test_convert_round_trips_hf_rlx_hf(tmp_path, capsys):
     _, params = api.init(CFG, seed=5)
     hf = tmp_path / "hf"
     convert.save_hf(hf, CFG, params)
-    (hf / "tokenizer.json").write_text("{}")
     assert cli.main(["convert", "hf-to-rlx", "--hf_dir", str(hf),
                      "--out", str(tmp_path / "rlx")]) == 0
     assert "wrote" in capsys.readouterr().out
     meta = json.loads((tmp_path / "rlx" / "config.json").read_text())
     assert meta["rlx_format"] == convert.RLX_FORMAT and meta["kind"] == "policy"
-    assert (tmp_path / "rlx" / "tokenizer.json").exists()
     assert cli.main(["convert", "rlx-to-hf", "--rlx-dir", str(tmp_path / "rlx"),
                      "--out", str(tmp_path / "hf2"), "--shard_size", "2KB"]) == 0
     assert (tmp_path / "hf2" / convert.INDEX_FILE).exists()
-    assert (tmp_path / "hf2" / "tokenizer.json").exists()
     config, _, back = convert.load_hf(tmp_path / "hf2")
     assert config == CFG
     jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+def test_convert_carries_the_tokenizer_ids_and_generation_config(tmp_path, capsys):
+    """hf-to-rlx keeps the tokenizer files; rlx-to-hf writes them through save_hf: the
+    Llama-3 folder's bos and its two eos ids in config.json and generation_config.json
+    (with the folder's own sampling defaults kept, not overwritten by a raw copy)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
+    from hf_folders import llama3_folder
+
+    folder = llama3_folder(tmp_path / "hf")
+    cfg = ModelConfig(vocab_size=folder.vocab_size, hidden_size=16, intermediate_size=24,
+                      num_layers=1, num_heads=2, num_kv_heads=1)
+    convert.save_hf(folder.path, cfg, api.init(cfg, seed=1)[1], tokenizer=folder.path,
+                    overwrite=True)
+    assert cli.main(["convert", "hf-to-rlx", "--hf_dir", folder.path,
+                     "--out", str(tmp_path / "rlx")]) == 0
+    assert cli.main(["convert", "rlx-to-hf", "--rlx_dir", str(tmp_path / "rlx"),
+                     "--out", str(tmp_path / "hf2")]) == 0
+    assert "tokenizer files" in capsys.readouterr().out
+    eos = [folder.ids["<|end_of_text|>"], folder.ids["<|eot_id|>"]]
+    hf_config = json.loads((tmp_path / "hf2" / "config.json").read_text())
+    generation = json.loads((tmp_path / "hf2" / "generation_config.json").read_text())
+    for d in (hf_config, generation):
+        assert d["bos_token_id"] == folder.ids["<|begin_of_text|>"]
+        assert d["eos_token_id"] == eos
+    assert generation["temperature"] == 0.6 and generation["top_p"] == 0.9
+    assert (tmp_path / "hf2" / "tokenizer.json").exists()
+    assert (tmp_path / "hf2" / "tokenizer_config.json").exists()
+
+
+def test_convert_names_an_unreadable_tokenizer_in_one_line(tmp_path, capsys):
+    _, params = api.init(CFG, seed=5)
+    convert.save_rlx(tmp_path / "rlx", CFG, params)
+    (tmp_path / "rlx" / "tokenizer.json").write_text("{}")
+    assert cli.main(["convert", "rlx-to-hf", "--rlx_dir", str(tmp_path / "rlx"),
+                     "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rlx: error: tokenizer=") and "tokenizer.json" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_convert_writes_requested_dtype(tmp_path):

@@ -432,6 +432,71 @@ def _get_tensor(handle, path: str, name: str) -> np.ndarray:
                          tensor=name) from None
 
 
+def _checked_sources(folder: str, config: ModelConfig, stack: contextlib.ExitStack
+                     ) -> tuple[list[tuple[TensorSpec, Any, str]], tuple[Any, str] | None]:
+    """Opens ``folder``'s weight files in ``stack`` and checks them against ``config``:
+    ([(spec, open handle, file path)] in checkpoint order, (handle, path) of a duplicate
+    ``lm_head.weight`` of a tied checkpoint or None). Reads headers only."""
+    specs = tensor_specs(config)
+    by_name = {s.hf_name: s for s in specs}
+    files, handles = _weight_files(folder, specs, stack)
+    missing = [s.hf_name for s in specs if s.hf_name not in files]
+    if missing:
+        where = os.path.join(folder, INDEX_FILE)
+        if not os.path.isfile(where):
+            where = os.path.join(folder, SINGLE_FILE)
+        raise ShardError(f"{where}: missing tensors {missing} (needed by config.json)",
+                         path=where, tensor=missing[0])
+    extra = sorted(n for n in files if n not in by_name and not _IGNORED.match(n))
+    tied_head = config.tie_embeddings and "lm_head.weight" in extra
+    if tied_head:
+        extra.remove("lm_head.weight")
+    if extra:
+        raise CheckpointError(f"{folder}: unexpected tensors {extra}")
+    rows = []
+    for spec in specs:
+        path = files[spec.hf_name]
+        f = handles[path]
+        shape = tuple(f.get_slice(spec.hf_name).get_shape())
+        if shape != spec.hf_shape:
+            raise CheckpointError(
+                f"{os.path.basename(path)}: tensor {spec.hf_name!r} has shape {shape}, "
+                f"expected {spec.hf_shape} from config.json")
+        rows.append((spec, f, path))
+    tied = None
+    if tied_head:
+        path = files["lm_head.weight"]
+        tied = (handles[path], path)
+    return rows, tied
+
+
+def _get_block(handle, path: str, name: str, index) -> np.ndarray:
+    try:
+        return handle.get_slice(name)[index]
+    except _SafetensorError as e:
+        raise ShardError(f"{path}: tensor {name!r} cannot be read ({e})", path=path,
+                         tensor=name) from None
+
+
+def _check_tied_head(folder: str, tied, embed_source, rows_per_block: int = 4096) -> None:
+    """A tied checkpoint's extra ``lm_head.weight`` must equal the embedding; compared
+    ``rows_per_block`` rows at a time (no full copy of either)."""
+    (head, head_path), (_, embed, embed_path) = tied, embed_source
+    h_shape = tuple(head.get_slice("lm_head.weight").get_shape())
+    e_shape = tuple(embed.get_slice("model.embed_tokens.weight").get_shape())
+    same = h_shape == e_shape
+    for start in range(0, e_shape[0] if same else 0, rows_per_block):
+        rows = slice(start, min(start + rows_per_block, e_shape[0]))
+        a = _get_block(head, head_path, "lm_head.weight", rows)
+        b = _get_block(embed, embed_path, "model.embed_tokens.weight", rows)
+        if not np.array_equal(a, b):
+            same = False
+            break
+    if not same:
+        raise CheckpointError(f"{folder}: config.json has tie_word_embeddings=true but "
+                              "tensor 'lm_head.weight' differs from 'model.embed_tokens.weight'")
+
+
 def read_hf_tensors(folder: str, config: ModelConfig) -> dict[str, np.ndarray]:
     """Reads and checks the policy tensors of ``folder``: {rlx path: array [rlx layout]}.
 
@@ -440,47 +505,67 @@ def read_hf_tensors(folder: str, config: ModelConfig) -> dict[str, np.ndarray]:
     not in the shard it names) and a file lacking a tensor; CheckpointError for shape
     mismatches and unexpected tensors.
     """
-    specs = tensor_specs(config)
-    by_name = {s.hf_name: s for s in specs}
     out: dict[str, np.ndarray] = {}
     with contextlib.ExitStack() as stack:
-        files, handles = _weight_files(folder, specs, stack)
-        missing = [s.hf_name for s in specs if s.hf_name not in files]
-        if missing:
-            where = os.path.join(folder, INDEX_FILE)
-            if not os.path.isfile(where):
-                where = os.path.join(folder, SINGLE_FILE)
-            raise ShardError(f"{where}: missing tensors {missing} (needed by config.json)",
-                             path=where, tensor=missing[0])
-        extra = sorted(n for n in files if n not in by_name and not _IGNORED.match(n))
-        tied_head = config.tie_embeddings and "lm_head.weight" in extra
-        if tied_head:
-            extra.remove("lm_head.weight")
-        if extra:
-            raise CheckpointError(f"{folder}: unexpected tensors {extra}")
-        for spec in specs:
-            path = files[spec.hf_name]
-            f = handles[path]
-            shape = tuple(f.get_slice(spec.hf_name).get_shape())
-            if shape != spec.hf_shape:
-                raise CheckpointError(
-                    f"{os.path.basename(path)}: tensor {spec.hf_name!r} has shape {shape}, "
-                    f"expected {spec.hf_shape} from config.json")
+        rows, tied = _checked_sources(folder, config, stack)
+        for spec, f, path in rows:
             array = _get_tensor(f, path, spec.hf_name)
             out[spec.path] = array.T if spec.transpose else array
-        if tied_head:
-            path = files["lm_head.weight"]
-            head = _get_tensor(handles[path], path, "lm_head.weight")
-            embed = out["trunk/embed/embedding"]
-            if head.shape != embed.shape or not np.array_equal(head, embed):
-                raise CheckpointError(f"{folder}: config.json has tie_word_embeddings=true "
-                                      "but tensor 'lm_head.weight' differs from "
-                                      "'model.embed_tokens.weight'")
+        if tied is not None:
+            _check_tied_head(folder, tied, rows[0])
     return out
 
 
+def _slice_reader(spec: TensorSpec, handle, path: str, dtype):
+    """The ``make_array_from_callback`` callback of one parameter: the block ``index``
+    (slices in rlx layout) read from the file as [HF layout] and transposed, cast to
+    ``dtype``. Devices holding the same block (replicated axes) share one read."""
+    blocks: dict = {}
+
+    def read(index):
+        key = tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in index)
+        if key not in blocks:
+            block = _get_block(handle, path, spec.hf_name,
+                               tuple(index[::-1]) if spec.transpose else tuple(index))
+            blocks[key] = np.asarray(block.T if spec.transpose else block, dtype=dtype)
+        return blocks[key]
+    return read
+
+
+def read_hf_sharded(folder: str, config: ModelConfig, mesh, *, rules=None):
+    """(graphdef, params) of ``folder`` with every parameter read straight into its
+    shards: one ``jax.make_array_from_callback`` per tensor with its ``NamedSharding``
+    from ``rlx.sharding.param_shardings`` (``rules`` default to the gin-configured
+    partition rules), whose callback reads only the block a device holds
+    (``safe_open(...).get_slice``). No device and no host ever holds a whole sharded
+    tensor; the host holds at most the local blocks of one tensor at a time (on
+    multi-host runs each process reads only its addressable shards). Same checks and
+    errors as ``read_hf_tensors``; arrays are cast to ``config.param_dtype``."""
+    from rlx import sharding as sh
+
+    graphdef, abstract = api.abstract_init(config)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    shardings = jax.tree.leaves(sh.param_shardings(abstract, mesh, rules))
+    dtype = jnp.dtype(config.param_dtype)
+    out = []
+    with contextlib.ExitStack() as stack:
+        rows, tied = _checked_sources(folder, config, stack)
+        by_path = {spec.path: (spec, f, path) for spec, f, path in rows}
+        wanted = [_path_str(p) for p, _ in leaves]
+        if sorted(wanted) != sorted(by_path):
+            raise CheckpointError(f"{folder}: the model's parameters "
+                                  f"{sorted(set(wanted) ^ set(by_path))} have no tensor map")
+        for (p, leaf), sharding in zip(leaves, shardings):
+            spec, f, path = by_path[_path_str(p)]
+            out.append(jax.make_array_from_callback(tuple(leaf.shape), sharding,
+                                                    _slice_reader(spec, f, path, dtype)))
+        if tied is not None:
+            _check_tied_head(folder, tied, rows[0])
+    return graphdef, jax.tree_util.tree_unflatten(treedef, out)
+
+
 def load_hf(folder: str, *, dtype: str | None = None,
-            overrides: Mapping[str, Any] | None = None):
+            overrides: Mapping[str, Any] | None = None, mesh=None, rules=None):
     """Loads a Hugging Face Qwen2/Llama folder -> (ModelConfig, graphdef, params).
 
     Args:
@@ -489,6 +574,10 @@ def load_hf(folder: str, *, dtype: str | None = None,
       dtype: parameter storage dtype (``ModelConfig.param_dtype``); default float32.
       overrides: other ModelConfig fields, e.g. ``{"dtype": "bfloat16"}`` for the compute
         dtype or ``{"attention_backend": ...}``.
+      mesh: a ``jax.sharding.Mesh``: every parameter is read straight into its shards
+        (``read_hf_sharded``; partition ``rules`` default to
+        ``rlx.sharding.partition_rules()``), so no device holds more than its slice.
+        None: whole arrays on the default device.
     """
     folder = os.fspath(folder)
     _check_folder(folder)
@@ -501,6 +590,9 @@ def load_hf(folder: str, *, dtype: str | None = None,
             config = config.replace(**changes)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"bad config override {changes}: {e}") from e
+    if mesh is not None:
+        graphdef, params = read_hf_sharded(folder, config, mesh, rules=rules)
+        return config, graphdef, params
     flat = read_hf_tensors(folder, config)
     graphdef, params = unflatten_params(config, flat, source=folder)
     return config, graphdef, params

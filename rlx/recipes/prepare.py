@@ -12,7 +12,19 @@ A recipe (``rlx.recipes.experiment``, ``rlx.recipes.rlhf``) reads top to bottom 
 ``rlx.recipes.components``) and refuses settings that would be ignored
 (``rlx.recipes.bindings``) before anything is written, trained or compiled. ``exp`` is
 an ``rlx.recipes.experiment.Experiment`` (the shared settings; the RLHF and DPO recipes
-keep theirs in ``.base``).
+keep theirs in ``.base``); every step reads its *resolved* settings
+(``Experiment.resolved()``: the mode defaults of a random model or a pretrained
+``hf_checkpoint``).
+
+Memory: a checkpoint is read straight into its shards (``rlx.models.convert.load_hf``
+with the mesh), the optimizer state is created in its shards
+(``jax.jit(tx.init, out_shardings=...)``, ``make_state``) and so is the KL reference
+(``reference_params``), so no device and no host ever holds a whole sharded tensor.
+
+Several hosts: every process runs the same recipe on the same data (the CLI starts
+``jax.distributed``, ``rlx.sharding.init_distributed``); a trained tokenizer is
+trained on process 0 and broadcast, evaluation and export gather the arrays that span
+processes (``rlx.sharding.host_value``), and only process 0 writes files.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from rlx import sharding as sh
 from rlx.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
@@ -124,6 +137,11 @@ def check_settings(exp, *, task_factory=None, resolved: ResolvedObjective | None
                     *extra_rules], extra=_sampler_values(exp))
 
 
+def settled(exp):
+    """``exp`` with its mode defaults filled in (``Experiment.resolved()``)."""
+    return exp.resolved() if hasattr(exp, "resolved") else exp
+
+
 # ------------------------------------------------------------------------ problems
 #: the embedded default experiment's task: worked column solutions from a sloppy
 #: teacher who forgets the carry in 60% of its demonstrations.
@@ -187,6 +205,7 @@ class Plan:
 
 def plan(exp, *, extra_rules=()) -> Plan:
     """Objective, task, settings check, mesh, problems and reward spec of ``exp``."""
+    exp = settled(exp)
     validate.check(exp)            # every size, rate, path and name, before any work
     resolved = resolve_objective(exp.objective)
     factory = None
@@ -209,19 +228,40 @@ def plan(exp, *, extra_rules=()) -> Plan:
 # ----------------------------------------------------- tokenizer, sampler, model
 def build_tokenizer(exp, task, problems) -> Tokenizer:
     """``exp.tokenizer``, else the checkpoint's, else one trained (and kept in the run
-    directory) on prompts + demonstrations."""
+    directory) on prompts + demonstrations. Several processes: process 0 loads or
+    trains the SentencePiece model and every process uses its bytes (one tokenizer for
+    all, whether or not the run directory is shared)."""
     path = os.path.join(exp.run_dir, "tokenizer.model")
     if exp.tokenizer:
         return load_tokenizer(exp.tokenizer)
     if exp.hf_checkpoint:
         return load_tokenizer(exp.hf_checkpoint)
-    if os.path.exists(path):
-        return load_tokenizer(path)
-    os.makedirs(exp.run_dir, exist_ok=True)
-    rng = random.Random(exp.seed)
-    corpus = [q.prompt + task.demonstration(q, rng) for q in problems]
-    return train_sentencepiece(corpus, vocab_size=exp.tokenizer_vocab,
-                               model_prefix=os.path.join(exp.run_dir, "tokenizer"))
+
+    def local():
+        if os.path.exists(path):
+            return load_tokenizer(path)
+        os.makedirs(exp.run_dir, exist_ok=True)
+        rng = random.Random(exp.seed)
+        corpus = [q.prompt + task.demonstration(q, rng) for q in problems]
+        return train_sentencepiece(corpus, vocab_size=exp.tokenizer_vocab,
+                                   model_prefix=os.path.join(exp.run_dir, "tokenizer"))
+
+    if jax.process_count() == 1:
+        return local()
+    from rlx.data.tokenizer import SentencePieceTokenizer
+    proto = local().model_proto if jax.process_index() == 0 else None
+    return SentencePieceTokenizer(sh.broadcast_bytes(proto))
+
+
+def chat_template_on(exp, tok) -> bool:
+    """``exp.use_chat_template``; None (the pretrained mode's default) means: when the
+    checkpoint's tokenizer has a chat template of its own (an HF tokenizer folder whose
+    ``tokenizer_config.json`` / ``chat_template.jinja`` defines one)."""
+    exp = settled(exp)
+    if exp.use_chat_template is not None:
+        return bool(exp.use_chat_template)
+    from rlx.data.tokenizer import HFTokenizer
+    return isinstance(tok, HFTokenizer) and bool(tok.chat_template)
 
 
 def apply_chat_template(tok: Tokenizer, problems):
@@ -243,6 +283,7 @@ def make_sampler(exp, tok) -> SamplerConfig:
     """``exp.sampler`` with the rollout shape of ``exp`` (G, T, τ), the tokenizer's pad
     id, its stop ids plus any bound ``stop_token_ids``, and T among the completion
     buckets."""
+    exp = settled(exp)
     s = exp.sampler
     return dataclasses.replace(
         s, stop_token_ids=tuple(dict.fromkeys(stop_ids(tok) + tuple(s.stop_token_ids))),
@@ -257,13 +298,22 @@ def model_config_for(exp, vocab_size: int) -> model_lib.ModelConfig:
                                                 **exp.model_overrides})
 
 
-def build_model(exp, vocab_size: int):
-    """(cfg, graphdef, params): ``exp.hf_checkpoint`` loaded, else a random preset."""
+def build_model(exp, vocab_size: int, mesh=None):
+    """(cfg, graphdef, params): ``exp.hf_checkpoint`` loaded, else a random preset.
+
+    With a ``mesh`` the parameters end up in their shards (``rlx.sharding`` partition
+    rules): a checkpoint is read straight into them (each device's slice only,
+    ``load_hf(mesh=...)``); a random preset is initialised as without a mesh (so its
+    values do not depend on the mesh) and then placed."""
+    exp = settled(exp)
     if exp.hf_checkpoint:
         from rlx.models.convert import load_hf
-        return load_hf(exp.hf_checkpoint, overrides=exp.model_overrides)
+        return load_hf(exp.hf_checkpoint, overrides=exp.model_overrides, mesh=mesh)
     cfg = model_config_for(exp, vocab_size)
-    return (cfg, *api.init(cfg, seed=exp.seed))
+    graphdef, params = api.init(cfg, seed=exp.seed)
+    if mesh is not None:
+        params = sh.place(params, sh.param_shardings(params, mesh))
+    return cfg, graphdef, params
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -281,19 +331,27 @@ def evaluate(graphdef, params, tok, problems, pool, *, sampler: SamplerConfig, m
                                      add_bos=bos)
         out = generate(graphdef, params, ids, mask, key=jax.random.key(0), config=cfg,
                        mesh=mesh, data_axis=sh.BATCH_AXES)
-        cids, cmask = np.asarray(out.completion_ids), np.asarray(out.completion_mask)
+        # host_value: on several hosts the outputs span processes (a collective).
+        cids, cmask, lens = sh.host_value((out.completion_ids, out.completion_mask,
+                                           out.lengths))
         texts = [tok.decode(r[m].tolist()) for r, m in zip(cids, cmask)]
         scored = pool.score(texts, chunk)
         correct.extend((scored.components[:, 0] >= 0.5).tolist())
-        lengths.extend(np.asarray(out.lengths).tolist())
+        lengths.extend(lens.tolist())
     return {"eval/accuracy": float(np.mean(correct)), "eval/length": float(np.mean(lengths))}
 
 
-def cached(directory: str, like, compute, *, skip: bool = False, step: int = 1):
+def cached(directory: str, like, compute, *, skip: bool = False, step: int = 1,
+           identity: dict | None = None, on_mismatch: str = "error"):
     """(params, extra): restored from ``directory`` when saved, else ``compute()``
     (returning params or (params, report)) and saved with the report as ``extra``;
-    ``skip`` returns ``(like, {})`` when nothing is saved."""
-    ckpt = ckpt_lib.Checkpointer(directory, every_steps=None, keep=1, async_save=False)
+    ``skip`` returns ``(like, {})`` when nothing is saved. ``identity`` (plain data:
+    what the saved params are the result of) is recorded with the save; a saved
+    result of another identity is refused as ``on_mismatch`` says
+    (``rlx.train.checkpoint.Checkpointer``). Restored arrays keep ``like``'s
+    shardings."""
+    ckpt = ckpt_lib.Checkpointer(directory, every_steps=None, keep=1, async_save=False,
+                                 identity=identity, on_mismatch=on_mismatch)
     try:
         restored = ckpt.restore_latest(ckpt_lib.abstract_like(like))
         if restored is not None:
@@ -346,10 +404,42 @@ class Prepared:
         self.logger.close()
 
 
+def model_identity(exp) -> dict:
+    """What the model of ``exp`` is: its checkpoint folder or preset, and the overrides
+    given (plain data for checkpoint identities)."""
+    exp = settled(exp)
+    source = {"hf_checkpoint": exp.hf_checkpoint} if exp.hf_checkpoint else \
+        {"model": exp.model, "tokenizer_vocab": exp.tokenizer_vocab}
+    return {**source, "model_overrides": dict(exp.model_overrides),
+            "tokenizer": exp.tokenizer, "seed": exp.seed}
+
+
+def _name(value) -> str:
+    """A label for a setting that may be a name, an import path or a built object."""
+    return value if isinstance(value, str) else type(value).__name__
+
+
+def data_identity(exp) -> dict:
+    exp = settled(exp)
+    if exp.data_file:
+        return {"data_file": exp.data_file, "eval_file": exp.eval_file}
+    return {"task": _name(exp.task), "task_kwargs": task_kwargs(exp),
+            "train_problems": exp.train_problems}
+
+
+def sft_identity(exp, chat: bool) -> dict:
+    """What the SFT result under ``<run_dir>/sft`` is the result of."""
+    exp = settled(exp)
+    return {"phase": "sft", **model_identity(exp), **data_identity(exp),
+            "sft_steps": exp.sft_steps, "sft_batch": exp.sft_batch, "sft_lr": exp.sft_lr,
+            "chat_template": chat}
+
+
 def prepare(exp, *, total_steps: int, planned: Plan | None = None) -> Prepared:
-    """Tokenizer, sampler, verifier pool, logger, model, SFT warm-up (saved under
-    ``<run_dir>/sft`` and reused by a restarted run) and its held-out evaluation
-    (logged at step 0, where the curves start)."""
+    """Tokenizer, sampler, verifier pool, logger, model (in its shards), SFT warm-up
+    (saved under ``<run_dir>/sft`` with its identity and reused by a restarted run) and
+    its held-out evaluation (logged at step 0, where the curves start)."""
+    exp = settled(exp)
     pl = plan(exp) if planned is None else planned
     pool = RewardPool(pl.spec)          # its settings are checked before any training
     logger = None
@@ -357,16 +447,18 @@ def prepare(exp, *, total_steps: int, planned: Plan | None = None) -> Prepared:
         os.makedirs(exp.run_dir, exist_ok=True)
         tok = build_tokenizer(exp, pl.task, pl.train)
         train, heldout = pl.train, pl.heldout
-        if exp.use_chat_template:
+        chat = chat_template_on(exp, tok)
+        if chat:
             train, heldout = apply_chat_template(tok, train), apply_chat_template(tok, heldout)
         sampler = make_sampler(exp, tok)
         logger = RunLogger(exp.run_dir, total_steps=total_steps)
-        cfg, graphdef, params = build_model(exp, tok.vocab_size)
+        cfg, graphdef, params = build_model(exp, tok.vocab_size, mesh=pl.mesh)
         params = cached(os.path.join(exp.run_dir, "sft"), params, lambda: run_sft(
             graphdef, params, tok, pl.task, train, steps=exp.sft_steps,
             batch=exp.sft_batch, lr=exp.sft_lr, seed=exp.seed, mesh=pl.mesh, logger=logger,
             checkpoint_dir=os.path.join(exp.run_dir, "sft_progress")),
-            skip=not exp.sft_steps, step=exp.sft_steps)[0]
+            skip=not exp.sft_steps, step=exp.sft_steps, identity=sft_identity(exp, chat),
+            on_mismatch=exp.rl.on_mismatch)[0]
         p = Prepared(pl, tok, train, heldout, sampler, pool, logger, cfg, graphdef, params, {})
         p.before = p.evaluate(params)
     except BaseException:
@@ -374,55 +466,107 @@ def prepare(exp, *, total_steps: int, planned: Plan | None = None) -> Prepared:
         if logger is not None:
             logger.close()
         raise
-    print(f"held-out accuracy after SFT: {p.before['eval/accuracy']:.3f}", flush=True)
+    if jax.process_index() == 0:
+        print(f"held-out accuracy after SFT: {p.before['eval/accuracy']:.3f}", flush=True)
     logger.log(0, p.before)
     return p
 
 
 # ------------------------------------------------------------------------ RL phase
-def reference_params(objective, params):
-    """A frozen copy of the start policy when the objective reads reference log-probs
-    (``"ref_logp"`` in ``objective.needs``; objectives without ``needs``: a KL term in
-    their state), else None."""
+def _wants_reference(objective) -> bool:
     needs = getattr(objective, "needs", None)
     if needs is not None:
-        wanted = "ref_logp" in needs
-    else:
-        state = objective.init()
-        wanted = isinstance(state, dict) and any("kl" in name for name in state)
-    return jax.tree.map(jnp.copy, params) if wanted else None
+        return "ref_logp" in needs
+    state = objective.init()
+    return isinstance(state, dict) and any("kl" in name for name in state)
+
+
+def reference_params(objective, params, mesh=None):
+    """A frozen copy of the start policy when the objective reads reference log-probs
+    (``"ref_logp"`` in ``objective.needs``; objectives without ``needs``: a KL term in
+    their state), else None. With a ``mesh`` the copy is made in the parameters'
+    shards (``rlx.sharding.place``: fresh buffers, device by device)."""
+    if not _wants_reference(objective):
+        return None
+    if mesh is None:
+        return jax.tree.map(jnp.copy, params)
+    return sh.place(params, sh.param_shardings(params, mesh))
+
+
+def make_state(params, tx, mesh=None, *, seed: int, objective_state=None
+               ) -> state_lib.TrainState:
+    """``state.create`` with the optimizer state created in its shards: with a ``mesh``
+    ``jax.jit(tx.init, out_shardings=...)`` (the moments mirror the parameters'
+    partition specs), so no device ever holds a whole moment."""
+    if mesh is None:
+        return state_lib.create(params, tx, seed=seed, objective_state=objective_state)
+    opt_shardings = sh.param_shardings(jax.eval_shape(tx.init, params), mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    # step, key and objective state as state.create makes them (identity: no moments)
+    return state_lib.create(params, optax.identity(), seed=seed,
+                            objective_state=objective_state).replace(opt_state=opt_state)
 
 
 def rl_optimizer(exp):
     """The RL phase's optimizer: ``rlx.train.optimizer`` at ``exp.rl_lr``, constant."""
-    return optim.constant(exp.rl_lr)
+    return optim.constant(settled(exp).rl_lr)
 
 
-def make_critic(exp, cfg, params) -> rl.Critic:
+def make_critic(exp, cfg, params, mesh=None) -> rl.Critic:
     """A value model whose trunk starts from ``params``' (a fresh scalar head), with its
-    own optimizer at ``exp.critic_lr``."""
+    own optimizer at ``exp.critic_lr`` (state in its shards with a ``mesh``)."""
+    exp = settled(exp)
     value_graphdef, value_params = api.init(cfg, kind="value", seed=exp.seed)
     value_params["trunk"] = jax.tree.map(jnp.copy, params["trunk"])
+    if mesh is not None:
+        value_params = sh.place(value_params, sh.param_shardings(value_params, mesh))
     tx = optim.constant(exp.critic_lr)
     return rl.Critic(graphdef=value_graphdef, tx=tx,
-                     state=state_lib.create(value_params, tx, seed=exp.seed))
+                     state=make_state(value_params, tx, mesh, seed=exp.seed))
+
+
+def rl_identity(exp, p: "Prepared", reward_pool=None) -> dict:
+    """What the RL checkpoints of ``exp`` are checkpoints of (``RLTrainer(identity=)``):
+    objective, critic, model, task or data, tokenizer, chat template and rewards."""
+    exp = settled(exp)
+    spec = getattr(reward_pool, "spec", None) or p.plan.spec
+    rewards = getattr(spec, "names", None)
+    return {"objective": p.objective.label, "critic": p.objective.separate_critic,
+            **model_identity(exp), **data_identity(exp),
+            "tokenizer_source": exp.tokenizer or exp.hf_checkpoint or "trained",
+            "chat_template": chat_template_on(exp, p.tok),
+            "rewards": list(rewards) if rewards is not None else type(reward_pool).__name__,
+            "sft_steps": exp.sft_steps}
 
 
 def train_rl(exp, p: Prepared, reward_pool) -> tuple[Any, list[dict], dict]:
     """RL from the SFT policy with ``exp.objective`` against ``reward_pool`` (the
     verifier, or a learned reward); (final params, history rows, held-out evaluation).
-    Resumes from ``<run_dir>/checkpoints`` when a run was interrupted."""
+    Resumes from ``<run_dir>/checkpoints`` when a run was interrupted (the checkpoints
+    carry ``rl_identity``: another objective, model, task, ... is refused as
+    ``RLConfig.on_mismatch`` says). The state, its optimizer moments and the
+    reference are created in their shards and handed to the trainer: ``p.params`` is
+    None afterwards (the trained parameters are returned)."""
+    exp = settled(exp)
     resolved = p.objective
-    critic = make_critic(exp, p.cfg, p.params) if resolved.separate_critic else None
+    critic = (make_critic(exp, p.cfg, p.params, p.mesh) if resolved.separate_critic
+              else None)
     tx = rl_optimizer(exp)
-    state = state_lib.create(p.params, tx, seed=exp.seed,
-                             objective_state=resolved.objective.init())
+    ref = reference_params(resolved.objective, p.params, p.mesh)
+    state = make_state(p.params, tx, p.mesh, seed=exp.seed,
+                       objective_state=resolved.objective.init())
+    if critic is not None:
+        sh.hand_over(critic.state)
+    # The prepared params, their moments and the reference are handed to the trainer,
+    # which places them without a second copy (and donates the state to its steps).
     trainer = rl.RLTrainer(
-        graphdef=p.graphdef, state=state, tx=tx, objective=resolved.objective,
+        graphdef=p.graphdef, tx=tx, objective=resolved.objective, state=sh.hand_over(state),
         tokenizer=p.tok, stream=ProblemStream(p.train, seed=exp.seed),
         reward_pool=reward_pool, sampler=p.sampler, config=exp.rl, run_dir=exp.run_dir,
-        mesh=p.mesh, ref_params=reference_params(resolved.objective, p.params),
-        evaluator=p.evaluate, logger=p.logger, critic=critic)
+        mesh=p.mesh, ref_params=sh.hand_over(ref), evaluator=p.evaluate, logger=p.logger,
+        critic=critic, identity=rl_identity(exp, p, reward_pool))
+    del state, ref
+    p.params = None            # now the trainer's (its first update donates them)
     try:
         history = trainer.run()
         params = trainer.state.params
@@ -433,15 +577,39 @@ def train_rl(exp, p: Prepared, reward_pool) -> tuple[Any, list[dict], dict]:
 
 
 # -------------------------------------------------------------------------- outputs
+def export_dtype(exp) -> str:
+    """The export's tensor dtype: the checkpoint's (``torch_dtype`` / ``dtype`` in its
+    config.json) when it is one save_hf writes, else float32."""
+    exp = settled(exp)
+    if exp.hf_checkpoint:
+        try:
+            with open(os.path.join(exp.hf_checkpoint, "config.json")) as f:
+                hf = json.load(f)
+        except (OSError, ValueError):
+            hf = {}
+        dtype = hf.get("torch_dtype") or hf.get("dtype")
+        if dtype in ("float32", "bfloat16", "float16"):
+            return dtype
+    return "float32"
+
+
 def finish(exp, p: Prepared, params, summary: dict, t_start: float) -> dict:
-    """Curves, the Hugging Face export (``exp.export_hf``) and ``summary.json``; returns
-    the summary with wall time, run directory, plot and export paths and the seed."""
+    """Curves, the Hugging Face export (``exp.export_hf``: weights, the tokenizer's
+    files, bos/eos/pad ids and generation_config.json) and ``summary.json``; returns
+    the summary with wall time, run directory, plot and export paths and the seed.
+    Several processes: every process takes part in gathering the parameters, process 0
+    writes."""
+    exp = settled(exp)
     plot = p.logger.plot()
     export = None
-    if exp.export_hf and jax.process_index() == 0:
+    if exp.export_hf:
         from rlx.models.convert import save_hf
         export = os.path.join(exp.run_dir, "hf_export")
-        save_hf(export, p.cfg, jax.device_get(params), overwrite=True)
+        host = sh.host_value(params)        # a collective when params span processes
+        if jax.process_index() == 0:
+            save_hf(export, p.cfg, host, dtype=export_dtype(exp), overwrite=True,
+                    tokenizer=p.tok)
+        del host
     summary = {**summary, "wall_seconds": time.time() - t_start, "run_dir": exp.run_dir,
                "plot": plot, "hf_export": export, "seed": exp.seed}
     if jax.process_index() == 0:

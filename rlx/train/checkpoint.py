@@ -269,11 +269,32 @@ def _one_line(err: BaseException, limit: int = 240) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+class _ToDebugLog:
+    """A stand-in for ``sys.stderr`` that sends what is written to the debug log."""
+
+    def __init__(self, original):
+        self._original = original
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            log.debug("stderr during checkpoint read: %s", text.rstrip())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self._original, name)
+
+
 @contextlib.contextmanager
-def _quiet():
+def _quiet(linger_s: float = 0.3):
     """Silences what a failing orbax read prints besides its exception: exceptions of
-    abandoned coroutines and callbacks (``Exception ignored in …``) and absl/orbax
-    error logs. They go to the debug log; the caller logs one line per step."""
+    abandoned coroutines and callbacks (``Exception ignored in …``), tracebacks that
+    tensorstore's late callbacks print into a closed event loop (``Event loop is
+    closed``, written to ``sys.stderr``; after a failure the block waits ``linger_s``
+    for them) and absl/orbax error logs. They go to the debug log; the caller logs one
+    line per step."""
     def unraisable(info):
         log.debug("suppressed during checkpoint read: %s", info.exc_value)
 
@@ -282,15 +303,24 @@ def _quiet():
 
     loggers = [logging.getLogger(n) for n in ("absl", "orbax", "asyncio")]
     levels = [lg.level for lg in loggers]
-    old_unraisable, old_thread = sys.unraisablehook, threading.excepthook
+    old_unraisable, old_thread, old_stderr = sys.unraisablehook, threading.excepthook, \
+        sys.stderr
     sys.unraisablehook, threading.excepthook = unraisable, thread_hook
+    sys.stderr = _ToDebugLog(old_stderr)
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
+    failed = False
     try:
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
+        if failed and linger_s:
+            time.sleep(linger_s)   # late callbacks of the abandoned reads print meanwhile
         gc.collect()     # finalise the abandoned coroutines while their noise is muted
         sys.unraisablehook, threading.excepthook = old_unraisable, old_thread
+        sys.stderr = old_stderr
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
 
@@ -440,7 +470,7 @@ class Checkpointer:
         for step, ok_everywhere, processes in reversed(candidates):
             if not ok_everywhere:
                 self._corrupt(step, errors.get(step) or _Corrupt(
-                    f"unreadable on process {processes}"), bad_here=step in errors,
+                    "this process reads it; the others do not"), bad_here=step in errors,
                     processes=processes)
                 continue
             data, extra, saved_tree, record = metas[step]
@@ -470,7 +500,7 @@ class Checkpointer:
                     err = e
                 (ok,), (processes,) = self._agree([err is None])
             if not ok:
-                self._corrupt(step, err or _Corrupt(f"unreadable on process {processes}"),
+                self._corrupt(step, err or _Corrupt("this process reads it; the others do not"),
                               bad_here=err is not None, processes=processes)
                 continue
             if mismatch is not None:

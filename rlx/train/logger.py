@@ -8,6 +8,11 @@ are skipped with one warning, never an error.
 ``metrics.jsonl`` is strict JSON: a NaN or ±inf metric is written as ``null``, the
 row's ``nonfinite_metrics`` says how many of its metrics were so, and the first
 non-finite value of each metric name is reported with one warning.
+
+A run killed while writing a row leaves a torn last line; the next run on the same
+directory moves that fragment to ``metrics.jsonl.torn`` (appended, never dropped)
+before appending, so every line of ``metrics.jsonl`` stays a complete JSON object.
+(The torn row's step is redone anyway: a step is logged before it is checkpointed.)
 """
 
 from __future__ import annotations
@@ -52,6 +57,38 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _set_aside_torn_line(path: str) -> int:
+    """Moves an unterminated last line of ``path`` to ``path + ".torn"``; returns its
+    length in bytes (0 when the file ends with a newline or does not exist)."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return 0
+    if size == 0:
+        return 0
+    with open(path, "rb+") as f:
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        block, start = 1 << 16, size
+        while start > 0:                 # find the last newline
+            start = max(0, start - block)
+            f.seek(start)
+            chunk = f.read(min(block, size - start))
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                start += cut + 1
+                break
+        f.seek(start)
+        fragment = f.read()
+        with open(path + ".torn", "ab") as torn:
+            torn.write(fragment + b"\n")
+        f.truncate(start)
+    log.warning("%s ended with a torn line (%d bytes, from a run stopped while writing "
+                "it); moved to %s.torn", path, len(fragment), path)
+    return len(fragment)
+
+
 class RunLogger:
     def __init__(self, run_dir: str, *, total_steps: int, tensorboard: bool = True,
                  console: bool = True, stream=None):
@@ -65,9 +102,12 @@ class RunLogger:
         self.history: list[dict] = []
         self.nonfinite: dict[str, int] = {}      # metric name -> rows where it was NaN/inf
         self.plotted: dict[str, str | None] = {}  # plot panel -> metric shown (see plot)
+        self.torn = 0                              # bytes of a torn last line set aside
         if self.primary:
             os.makedirs(run_dir, exist_ok=True)
-            self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            path = os.path.join(run_dir, "metrics.jsonl")
+            self.torn = _set_aside_torn_line(path)
+            self._jsonl = open(path, "a", encoding="utf-8")
             if tensorboard:
                 try:
                     from tensorboardX import SummaryWriter

@@ -239,198 +239,27 @@ def lower_cuda(fn, *args) -> int:
     return text.count("__gpu$xla.gpu.triton")
 
 
-def _rel(a, b) -> float:
-    import numpy as np
-
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if not np.all(np.isfinite(a)):
-        return float("inf")
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 # ============================================================== a.native
-# Each case: (name(size), build(size, make)) with make(shape, dtype, kind) giving random
-# arrays (kind "normal", "logp", "mask", "int:<high>") or, for lowering only,
-# ShapeDtypeStructs; build returns (kernel, reference, args, cotangent or None, bf16_out).
-def _native_cases(dt):
-    import jax.numpy as jnp
-    import numpy as np
-
-    from rlx_kernels import attention_schedules as sl
-    from rlx_kernels import block_sparse_attention as bsa
-    from rlx_kernels import logprob_entropy as le
-    from rlx_kernels import paged_decode as pd
-    from rlx_kernels import ratio_stats as rs
-
-    name_dt = jnp.dtype(dt).name
-
-    def logits(z, make):
-        n, v = z
-        tgt = make((n,), jnp.int32, f"int:{v}")
-        return (lambda x, t: le.token_logprob_entropy(x, t, temperature=0.9, backend="gpu"),
-                lambda x, t: le.reference(x, t, temperature=0.9),
-                (make((n, v), dt, "normal3"), tgt),
-                (make((n,), jnp.float32, "normal"), make((n,), jnp.float32, "normal")), False)
-
-    def hidden(z, make):
-        n, d, v = z
-        return (lambda h, w, t: le.token_logprob_entropy_from_hidden(h, w, t, backend="gpu"),
-                le.reference_from_hidden,
-                (make((n, d), dt, "normal"), make((d, v), dt, f"scaled:{3 * d ** -0.5}"),
-                 make((n,), jnp.int32, f"int:{v}")),
-                (make((n,), jnp.float32, "normal"), make((n,), jnp.float32, "normal")), False)
-
-    def ratio(z, make):
-        b, t = z
-
-        def kernel(new, old, mask, gid):
-            st = rs.ratio_statistics(new, old, mask, gid, num_groups=b // 4, eps_low=0.2,
-                                     eps_high=0.28, backend="gpu")
-            var = rs.ratio_variance(new, old, mask, backend="gpu")
-            return st.ratio, st.total, st.group, var
-
-        def reference(new, old, mask, gid):
-            st = rs.reference(new, old, mask, gid, num_groups=b // 4, eps_low=0.2,
-                              eps_high=0.28)
-            return st.ratio, st.total, st.group, rs.reference_ratio_variance(new, old, mask)
-
-        new = make((b, t), jnp.float32, "logp")
-        return (kernel, reference,
-                (new, make((b, t), jnp.float32, "logp"), make((b, t), bool, "mask"),
-                 make((b,), jnp.int32, "groups:4")), "variance", False)
-
-    def attention(schedule, seg, shape):
-        s, h, kh, dh = shape
-        seg = None if seg is None else jnp.asarray(seg)
-        return (lambda q, k, v: bsa.block_sparse_attention(q, k, v, schedule, segment_ids=seg,
-                                                           backend="gpu"),
-                lambda q, k, v: bsa.reference_block_sparse_attention(q, k, v, schedule,
-                                                                     segment_ids=seg))
-
-    def streaming(z, make):
-        s, h, kh, dh, blk = z
-        sched = sl.streaming_schedule(s, streaming_heads=[i % 2 == 0 for i in range(h)],
-                                      sink_blocks=1, local_blocks=4, block_q=blk, block_k=blk)
-        kern, ref = attention(sched, None, (s, h, kh, dh))
-        return (kern, ref, (make((1, s, h, dh), dt, "normal"), make((1, s, kh, dh), dt, "normal"),
-                            make((1, s, kh, dh), dt, "normal")),
-                make((1, s, h, dh), dt, "normal"), True)
-
-    def grouper(z, make):
-        plen, g, t, h, kh, dh, blk = z
-        lens = np.array([t - (i % 3) * (t // 4) for i in range(g)])   # ragged completions
-        packed = sl.prefix_grouper_pack(np.zeros(plen, np.int32), plen,
-                                        np.zeros((g, t), np.int32), lens)
-        seg = np.asarray(packed.segment_ids)[None]
-        sched = sl.prefix_grouper_schedule(seg, block_q=blk, block_k=blk)
-        s = plen + g * t
-        kern, ref = attention(sched, seg, (s, h, kh, dh))
-        return (kern, ref, (make((1, s, h, dh), dt, "normal"), make((1, s, kh, dh), dt, "normal"),
-                            make((1, s, kh, dh), dt, "normal")),
-                make((1, s, h, dh), dt, "normal"), True)
-
-    def decode(z, make):
-        b, c, kh, h, dh, ps, budget = z
-
-        def kernel(q, kc, vc, mask):
-            summ = pd.page_summary(kc, mask, page_size=ps)
-            out, sel = pd.sparse_decode(q, kc, vc, mask, summ, budget=budget, backend="gpu")
-            return out, sel.index, sel.valid
-
-        def reference(q, kc, vc, mask):
-            """Dense f32 attention over the pages the kernel path selects (selected from
-            the inputs in their own dtype: the upcast is exact, so cast back)."""
-            qd, kd = q.astype(dt), kc.astype(dt)
-            summ = pd.page_summary(kd, mask, page_size=ps)
-            sel = pd.select_pages(pd.page_scores(qd, summ), summ, budget=budget)
-            tmask = pd.selected_token_mask(sel, mask, page_size=ps)
-            return pd.reference_decode_attention(q, kc, vc, tmask), sel.index, sel.valid
-
-        return (kernel, reference,
-                (make((b, h, dh), dt, "normal"), make((b, c, kh, dh), dt, "normal"),
-                 make((b, c, kh, dh), dt, "normal"), make((b, c), bool, "fill")), None, True)
-
-    gpu_z = dict(logits=(4096, 32768), hidden=(2048, 896, 151_936), ratio=(256, 4096),
-                 streaming=(4096, 8, 2, 128, 64), grouper=(1024, 8, 384, 8, 2, 128, 64),
-                 decode=(32, 4096, 2, 16, 128, 64, 16))
-    cpu_z = dict(logits=(32, 2048), hidden=(24, 32, 512), ratio=(8, 1024),
-                 streaming=(128, 2, 1, 16, 16), grouper=(32, 4, 16, 2, 1, 16, 16),
-                 decode=(2, 256, 1, 2, 16, 16, 4))
-    names = dict(
-        logits=lambda z: f"logprob_entropy logits [{z[0]}, {z[1]}] {name_dt}",
-        hidden=lambda z: f"logprob_entropy hidden [{z[0]}, {z[1]}]×[{z[1]}, {z[2]}] {name_dt}",
-        ratio=lambda z: f"ratio_stats + ratio_variance grad [{z[0]}, {z[1]}] float32",
-        streaming=lambda z: f"block_sparse_attention streaming S={z[0]} H={z[1]}/K={z[2]} "
-                            f"Dh={z[3]}",
-        grouper=lambda z: f"block_sparse_attention Prefix Grouper {z[0]}+{z[1]}×{z[2]}",
-        decode=lambda z: f"paged_decode B={z[0]} C={z[1]} page {z[5]} budget {z[6]}")
-    builders = dict(logits=logits, hidden=hidden, ratio=ratio, streaming=streaming,
-                    grouper=grouper, decode=decode)
-    return [(k, names[k], builders[k], gpu_z[k], cpu_z[k]) for k in builders]
-
-
-def _maker(key):
-    """make(shape, dtype, kind) -> random arrays (see _native_cases)."""
-    import jax
-    import jax.numpy as jnp
-
-    keys = iter(jax.random.split(key, 64))
-
-    def make(shape, dtype, kind):
-        k = next(keys)
-        if kind.startswith("int:"):
-            return jax.random.randint(k, shape, 0, int(kind[4:]), dtype)
-        if kind.startswith("groups:"):
-            return (jnp.arange(shape[0]) // int(kind[7:])).astype(dtype)
-        if kind == "mask":
-            return jax.random.bernoulli(k, 0.8, shape)
-        if kind == "fill":           # rows filled to a random length in [C/2, C]
-            b, c = shape
-            fill = jax.random.randint(k, (b, 1), c // 2, c + 1)
-            return jnp.arange(c)[None] < fill
-        x = jax.random.normal(k, shape)
-        if kind == "normal3":
-            x = x * 3
-        elif kind == "logp":
-            x = x * 0.3 - 2
-        elif kind.startswith("scaled:"):
-            x = x * float(kind[7:])
-        return x.astype(dtype)
-
-    return make
-
-
-def _abstract(shape, dtype, kind):
-    import jax
-
-    return jax.ShapeDtypeStruct(shape, dtype)
-
-
 def part_a_native(ctx: Ctx):
     import jax
     import jax.numpy as jnp
 
     gpu = not ctx.cpu_check
     dt = jnp.bfloat16 if gpu else jnp.float32
-    # Tolerances, relative L2 error: float32 inputs (CPU) 1e-4 forward, 1e-3 gradient
-    # (summation order only). bf16 inputs (GPU): float32 outputs computed in f32 from
-    # the same (exactly upcast) inputs 2e-3; outputs rounded to bf16 (attention, decode)
-    # 1e-2 (bf16's relative rounding is up to 2⁻⁹ per element, plus the bf16 P·V
-    # product of flash attention); gradients, rounded to bf16, 3e-2.
-    tol_grad = 3e-2 if gpu else 1e-3
-    make = _maker(jax.random.key(0))
-    gpu_builders = {c[0]: c[2] for c in _native_cases(jnp.bfloat16)}
+    kb = _load("kernels")
+    make = kb.random_maker(jax.random.key(0))
+    gpu_builders = {c[0]: c[2] for c in kb.check_cases(jnp.bfloat16)}
 
-    for key, name_of, build, gpu_z, cpu_z in _native_cases(dt):
+    for key, name_of, build, gpu_z, cpu_z in kb.check_cases(dt):
         name = name_of(gpu_z if gpu else cpu_z)
         with ctx.check(name):
             lowered = None
             if not gpu:   # the GPU-sized bf16 program, lowered for CUDA (kernel side only)
-                kern, _, args, cot, _ = gpu_builders[key](gpu_z, _abstract)
+                kern, _, args, cot, _ = gpu_builders[key](gpu_z, kb.abstract_maker)
                 lowered = _lower_case(kern, args, cot)
             kern, ref, args, cot, bf16_out = build(cpu_z if not gpu else gpu_z, make)
-            fwd_err, grad_err = _compare(kern, ref, args, cot)
-            tol_fwd = (1e-2 if bf16_out else 2e-3) if gpu else 1e-4
+            fwd_err, grad_err = kb.compare(kern, ref, args, cot)
+            tol_fwd, tol_grad = kb.tolerances(args[0].dtype, bf16_out)
             ok = fwd_err <= tol_fwd and (grad_err is None or grad_err <= tol_grad)
             value = f"fwd {fwd_err:.1e}" + ("" if grad_err is None else
                                              f" · grad {grad_err:.1e}")
@@ -454,47 +283,6 @@ def _lower_case(kern, args, cot) -> int:
         return lower_cuda(lambda *a: (kern(*a), jax.grad(
             lambda x, *rest: kern(x, *rest)[-1])(*a)), *args)
     return lower_cuda(lambda a, c: jax.vjp(kern, *a)[1](c), tuple(args), cot)
-
-
-def _compare(kern, ref, args, cot):
-    """(forward error, gradient error or None) of ``kern`` against ``ref`` on ``args``:
-    the worst relative L2 error over the outputs (integer outputs must match exactly) and
-    over the input gradients of Σ cot·output (floating inputs; ``cot`` None: no gradient;
-    "variance": the gradient of the last output, a scalar, w.r.t. the first argument).
-    The reference sees float inputs and cotangents upcast to float32."""
-    import jax
-    import jax.numpy as jnp
-
-    def up(tree):
-        return jax.tree.map(lambda x: x.astype(jnp.float32)
-                            if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-    mode = "fwd" if cot is None else "variance" if isinstance(cot, str) else "vjp"
-
-    @jax.jit
-    def run(args, cot):
-        if mode == "fwd":
-            return kern(*args), ref(*up(args)), None, None
-        if mode == "variance":
-            g = jax.grad(lambda x, *rest: kern(x, *rest)[-1])(*args)
-            rg = jax.grad(lambda x, *rest: ref(x, *rest)[-1])(*up(args))
-            return kern(*args), ref(*up(args)), (g,), (rg,)
-        out, vjp = jax.vjp(kern, *args)
-        rout, rvjp = jax.vjp(ref, *up(args))
-        return out, rout, vjp(cot), rvjp(up(cot))
-
-    out, rout, grads, rgrads = run(tuple(args), cot if mode == "vjp" else None)
-    fwd = 0.0
-    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(rout)):
-        if jnp.issubdtype(a.dtype, jnp.floating):
-            fwd = max(fwd, _rel(a, b))
-        elif not bool(jnp.all(a == b)):
-            fwd = float("inf")                 # e.g. a different page selection
-    if grads is None:
-        return fwd, None
-    floats = [(g, r) for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(rgrads))
-              if jnp.issubdtype(g.dtype, jnp.floating)]
-    return fwd, max(_rel(g, r) for g, r in floats)
 
 
 def summarize_junit(path) -> tuple[int, list, list, int]:

@@ -1,6 +1,7 @@
 """Benchmark of rlx's Pallas kernels against their XLA references (not a test).
 
-    .venv/bin/python benchmarks/kernels.py [--backend auto|tpu|gpu] [--reps N]
+    .venv/bin/python benchmarks/kernels.py [--backend auto|tpu|gpu] [--reps N] [--peak-bw B/s]
+    .venv/bin/python benchmarks/kernels.py --check   # GPU kernels vs references, fwd + grad
 
 For every kernel and shape it prints: kernel time and XLA-reference time, achieved
 bytes/s of the kernel as a share of the device's memory bandwidth (the peak you
@@ -16,7 +17,8 @@ rounds, per call.
 
 The measurement functions (``ratio_stats_case``, ``ratio_variance_case``,
 ``logits_case``, ``hidden_vs_chunked``) return plain dicts; ``benchmarks/gpu_suite.py``
-calls them for its bandwidth part. ``hidden_vs_chunked`` compares the two paths the
+calls them for its bandwidth part, and ``check_cases`` / ``compare`` (kernel against
+reference, forward and gradients, at model shapes on a GPU) for its kernel part. ``hidden_vs_chunked`` compares the two paths the
 model itself takes in ``rlx.models.logprobs.logprobs_from_hidden``: the fused Pallas
 kernel (``backend="auto"`` on GPU/TPU) and the chunked jnp path (``"reference"``,
 what runs on CPU: one [B, C, V] f32 chunk of logits at a time, rematerialised in
@@ -39,8 +41,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from rlx_kernels import attention_schedules as sl
+from rlx_kernels import block_sparse_attention as bsa
 from rlx_kernels import logprob_entropy as le
+from rlx_kernels import paged_decode as pd
 from rlx_kernels import ratio_stats as rs
 
 GiB = 2**30
@@ -220,6 +226,223 @@ def hidden_vs_chunked(b: int, s: int, d: int, v: int, reps: int, dtype, *,
     return out
 
 
+# ------------------------------------------------- correctness at model shapes
+def check_cases(dt):
+    """Every kernel's GPU path against its pure-jnp reference, as cases
+    ``(key, name(size), build(size, make), gpu_size, cpu_size)``.
+
+    ``build(size, make)`` returns ``(kernel, reference, args, cot, bf16_out)``: two
+    functions of ``args``, the cotangent of their outputs for the gradient check (None:
+    forward only; "variance": the gradient of the last, scalar output w.r.t. the first
+    argument) and whether the kernel's floating output is in the input dtype ``dt``.
+    ``make(shape, dtype, kind)`` gives the arrays (``random_maker``) or, for lowering
+    only, ShapeDtypeStructs (``abstract_maker``). Sizes: model-sized on the GPU
+    (vocabulary 151 936, D = 896, 4k-token attention, 4k-slot decode cache), tiny for
+    Pallas interpret mode on CPU. Cases: log-prob/entropy from logits and from hidden
+    states, ratio statistics with the ratio-variance gradient, block-sparse attention
+    on a streaming-head schedule and on a Prefix Grouper packed row
+    (attention_schedules), LServe paged decode.
+    """
+    name_dt = jnp.dtype(dt).name
+
+    def logits(z, make):
+        n, v = z
+        tgt = make((n,), jnp.int32, f"int:{v}")
+        return (lambda x, t: le.token_logprob_entropy(x, t, temperature=0.9, backend="gpu"),
+                lambda x, t: le.reference(x, t, temperature=0.9),
+                (make((n, v), dt, "normal3"), tgt),
+                (make((n,), jnp.float32, "normal"), make((n,), jnp.float32, "normal")), False)
+
+    def hidden(z, make):
+        n, d, v = z
+        return (lambda h, w, t: le.token_logprob_entropy_from_hidden(h, w, t, backend="gpu"),
+                le.reference_from_hidden,
+                (make((n, d), dt, "normal"), make((d, v), dt, f"scaled:{3 * d ** -0.5}"),
+                 make((n,), jnp.int32, f"int:{v}")),
+                (make((n,), jnp.float32, "normal"), make((n,), jnp.float32, "normal")), False)
+
+    def ratio(z, make):
+        b, t = z
+
+        def kernel(new, old, mask, gid):
+            st = rs.ratio_statistics(new, old, mask, gid, num_groups=b // 4, eps_low=0.2,
+                                     eps_high=0.28, backend="gpu")
+            var = rs.ratio_variance(new, old, mask, backend="gpu")
+            return st.ratio, st.total, st.group, var
+
+        def reference(new, old, mask, gid):
+            st = rs.reference(new, old, mask, gid, num_groups=b // 4, eps_low=0.2,
+                              eps_high=0.28)
+            return st.ratio, st.total, st.group, rs.reference_ratio_variance(new, old, mask)
+
+        new = make((b, t), jnp.float32, "logp")
+        return (kernel, reference,
+                (new, make((b, t), jnp.float32, "logp"), make((b, t), bool, "mask"),
+                 make((b,), jnp.int32, "groups:4")), "variance", False)
+
+    def attention(schedule, seg, shape):
+        s, h, kh, dh = shape
+        seg = None if seg is None else jnp.asarray(seg)
+        return (lambda q, k, v: bsa.block_sparse_attention(q, k, v, schedule, segment_ids=seg,
+                                                           backend="gpu"),
+                lambda q, k, v: bsa.reference_block_sparse_attention(q, k, v, schedule,
+                                                                     segment_ids=seg))
+
+    def streaming(z, make):
+        s, h, kh, dh, blk = z
+        sched = sl.streaming_schedule(s, streaming_heads=[i % 2 == 0 for i in range(h)],
+                                      sink_blocks=1, local_blocks=4, block_q=blk, block_k=blk)
+        kern, ref = attention(sched, None, (s, h, kh, dh))
+        return (kern, ref, (make((1, s, h, dh), dt, "normal"), make((1, s, kh, dh), dt, "normal"),
+                            make((1, s, kh, dh), dt, "normal")),
+                make((1, s, h, dh), dt, "normal"), True)
+
+    def grouper(z, make):
+        plen, g, t, h, kh, dh, blk = z
+        lens = np.array([t - (i % 3) * (t // 4) for i in range(g)])   # ragged completions
+        packed = sl.prefix_grouper_pack(np.zeros(plen, np.int32), plen,
+                                        np.zeros((g, t), np.int32), lens)
+        seg = np.asarray(packed.segment_ids)[None]
+        sched = sl.prefix_grouper_schedule(seg, block_q=blk, block_k=blk)
+        s = plen + g * t
+        kern, ref = attention(sched, seg, (s, h, kh, dh))
+        return (kern, ref, (make((1, s, h, dh), dt, "normal"), make((1, s, kh, dh), dt, "normal"),
+                            make((1, s, kh, dh), dt, "normal")),
+                make((1, s, h, dh), dt, "normal"), True)
+
+    def decode(z, make):
+        b, c, kh, h, dh, ps, budget = z
+
+        def kernel(q, kc, vc, mask):
+            summ = pd.page_summary(kc, mask, page_size=ps)
+            out, sel = pd.sparse_decode(q, kc, vc, mask, summ, budget=budget, backend="gpu")
+            return out, sel.index, sel.valid
+
+        def reference(q, kc, vc, mask):
+            """Dense f32 attention over the pages the kernel path selects (selected from
+            the inputs in their own dtype: the upcast is exact, so cast back)."""
+            qd, kd = q.astype(dt), kc.astype(dt)
+            summ = pd.page_summary(kd, mask, page_size=ps)
+            sel = pd.select_pages(pd.page_scores(qd, summ), summ, budget=budget)
+            tmask = pd.selected_token_mask(sel, mask, page_size=ps)
+            return pd.reference_decode_attention(q, kc, vc, tmask), sel.index, sel.valid
+
+        return (kernel, reference,
+                (make((b, h, dh), dt, "normal"), make((b, c, kh, dh), dt, "normal"),
+                 make((b, c, kh, dh), dt, "normal"), make((b, c), bool, "fill")), None, True)
+
+    gpu_z = dict(logits=(4096, 32768), hidden=(2048, 896, 151_936), ratio=(256, 4096),
+                 streaming=(4096, 8, 2, 128, 64), grouper=(1024, 8, 384, 8, 2, 128, 64),
+                 decode=(32, 4096, 2, 16, 128, 64, 16))
+    cpu_z = dict(logits=(32, 2048), hidden=(24, 32, 512), ratio=(8, 1024),
+                 streaming=(128, 2, 1, 16, 16), grouper=(32, 4, 16, 2, 1, 16, 16),
+                 decode=(2, 256, 1, 2, 16, 16, 4))
+    names = dict(
+        logits=lambda z: f"logprob_entropy logits [{z[0]}, {z[1]}] {name_dt}",
+        hidden=lambda z: f"logprob_entropy hidden [{z[0]}, {z[1]}]×[{z[1]}, {z[2]}] {name_dt}",
+        ratio=lambda z: f"ratio_stats + ratio_variance grad [{z[0]}, {z[1]}] float32",
+        streaming=lambda z: f"block_sparse_attention streaming S={z[0]} H={z[1]}/K={z[2]} "
+                            f"Dh={z[3]}",
+        grouper=lambda z: f"block_sparse_attention Prefix Grouper {z[0]}+{z[1]}×{z[2]}",
+        decode=lambda z: f"paged_decode B={z[0]} C={z[1]} page {z[5]} budget {z[6]}")
+    builders = dict(logits=logits, hidden=hidden, ratio=ratio, streaming=streaming,
+                    grouper=grouper, decode=decode)
+    return [(k, names[k], builders[k], gpu_z[k], cpu_z[k]) for k in builders]
+
+
+def random_maker(key):
+    """make(shape, dtype, kind) -> random arrays: kind "normal" (N(0, 1)), "normal3"
+    (×3: logits), "scaled:<c>", "logp" (log-prob-like, N(−2, 0.3²)), "int:<high>",
+    "groups:<n>" (row // n), "mask" (Bernoulli 0.8), "fill" ([B, C] rows filled to a
+    random length in [C/2, C])."""
+    keys = iter(jax.random.split(key, 64))
+
+    def make(shape, dtype, kind):
+        k = next(keys)
+        if kind.startswith("int:"):
+            return jax.random.randint(k, shape, 0, int(kind[4:]), dtype)
+        if kind.startswith("groups:"):
+            return (jnp.arange(shape[0]) // int(kind[7:])).astype(dtype)
+        if kind == "mask":
+            return jax.random.bernoulli(k, 0.8, shape)
+        if kind == "fill":
+            b, c = shape
+            fill = jax.random.randint(k, (b, 1), c // 2, c + 1)
+            return jnp.arange(c)[None] < fill
+        x = jax.random.normal(k, shape)
+        if kind == "normal3":
+            x = x * 3
+        elif kind == "logp":
+            x = x * 0.3 - 2
+        elif kind.startswith("scaled:"):
+            x = x * float(kind[7:])
+        return x.astype(dtype)
+
+    return make
+
+
+def abstract_maker(shape, dtype, kind):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def tolerances(dt, bf16_out: bool) -> tuple[float, float]:
+    """(forward, gradient) tolerance on the relative L2 error for inputs of dtype ``dt``
+    (a case's first argument). float32 inputs: 1e-4 and 1e-3 (summation order only).
+    bfloat16 inputs: float32 outputs computed in f32 from the same, exactly upcast,
+    inputs 2e-3; outputs rounded to bf16 (attention, decode) 1e-2 (bf16 rounds by up
+    to 2⁻⁹ of each element, and flash attention multiplies P·V in bf16); gradients,
+    rounded to bf16, 3e-2."""
+    if jnp.dtype(dt) == jnp.float32:
+        return 1e-4, 1e-3
+    return (1e-2 if bf16_out else 2e-3), 3e-2
+
+
+def rel_err(a, b) -> float:
+    """‖a − b‖ / ‖b‖ in float64 (inf if a has a non-finite entry)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not np.all(np.isfinite(a)):
+        return float("inf")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def compare(kern, ref, args, cot):
+    """(forward error, gradient error or None) of ``kern`` against ``ref`` on ``args``:
+    the worst relative L2 error over the outputs (integer outputs must match exactly) and
+    over the input gradients of Σ cot·output (floating inputs; ``cot`` None: no gradient;
+    "variance": the gradient of the last output, a scalar, w.r.t. the first argument).
+    The reference sees float inputs and cotangents upcast to float32."""
+    def up(tree):
+        return jax.tree.map(lambda x: x.astype(jnp.float32)
+                            if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    mode = "fwd" if cot is None else "variance" if isinstance(cot, str) else "vjp"
+
+    @jax.jit
+    def run(args, cot):
+        if mode == "fwd":
+            return kern(*args), ref(*up(args)), None, None
+        if mode == "variance":
+            g = jax.grad(lambda x, *rest: kern(x, *rest)[-1])(*args)
+            rg = jax.grad(lambda x, *rest: ref(x, *rest)[-1])(*up(args))
+            return kern(*args), ref(*up(args)), (g,), (rg,)
+        out, vjp = jax.vjp(kern, *args)
+        rout, rvjp = jax.vjp(ref, *up(args))
+        return out, rout, vjp(cot), rvjp(up(cot))
+
+    out, rout, grads, rgrads = run(tuple(args), cot if mode == "vjp" else None)
+    fwd = 0.0
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(rout)):
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            fwd = max(fwd, rel_err(a, b))
+        elif not bool(jnp.all(a == b)):
+            fwd = float("inf")                 # e.g. a different page selection
+    if grads is None:
+        return fwd, None
+    floats = [(g, r) for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(rgrads))
+              if jnp.issubdtype(g.dtype, jnp.floating)]
+    return fwd, max(rel_err(g, r) for g, r in floats)
+
+
 # ------------------------------------------------------------------ printing
 def _row(name, shape, t_kernel, t_ref, nbytes, bw, mem):
     ref = f"{t_ref * 1e3:9.3f} ms" if t_ref is not None else "  skipped  "
@@ -307,9 +530,32 @@ def bench_model_path(b, s, d, v, backend, reps, dtype, note):
           f"{fmt_bytes(r['temp_chunked_fwd_bwd'])}")
 
 
+def check_all(on_accel: bool):
+    """Prints every ``check_cases`` case: forward and gradient error against the
+    reference, and the tolerance (GPU path: compiled on a GPU, interpret mode else)."""
+    dt = jnp.bfloat16 if on_accel else jnp.float32
+    make = random_maker(jax.random.key(0))
+    print(f"\n== GPU kernels vs references ({'native' if on_accel else 'interpret mode'}),"
+          " relative L2 error ==")
+    failed = 0
+    for _, name_of, build, gpu_z, cpu_z in check_cases(dt):
+        kern, ref, args, cot, bf16_out = build(gpu_z if on_accel else cpu_z, make)
+        fwd, grad = compare(kern, ref, args, cot)
+        tf, tg = tolerances(args[0].dtype, bf16_out)
+        ok = fwd <= tf and (grad is None or grad <= tg)
+        failed += not ok
+        print(f"{name_of(gpu_z if on_accel else cpu_z):<58} fwd {fwd:.1e} (≤ {tf:g})"
+              + ("" if grad is None else f"  grad {grad:.1e} (≤ {tg:g})")
+              + ("" if ok else "  FAIL"), flush=True)
+    return failed
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", default="auto", choices=["auto", "tpu", "gpu"])
+    parser.add_argument("--check", action="store_true",
+                        help="only compare the GPU kernels with their references "
+                        "(check_cases) and exit 1 on a failure")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--peak-bw", type=float, default=None,
                         help="bytes/s the %%BW column divides by (default: measured copy)")
@@ -319,6 +565,8 @@ def main():
     on_accel = platform in ("gpu", "tpu")
     backend = args.backend if args.backend != "auto" else (platform if on_accel else "gpu")
     reps = args.reps or (20 if on_accel else 2)
+    if args.check:
+        raise SystemExit(1 if check_all(platform == "gpu") else 0)
     print(f"rlx kernel benchmark — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}"
           f" UTC — device: {dev.device_kind} ({platform}), jax {jax.__version__}")
     note = ""

@@ -47,10 +47,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlx.models import api
-from rlx.recipes import preference_data, prepare
+from rlx.recipes import preference_data, prepare, validate
 from rlx.recipes.experiment import Experiment
 from rlx.rewards.learned import LearnedReward
 from rlx.train import preference as pref
+from rlx.train import signals
 
 
 @gin.configurable(module="rlx")
@@ -141,8 +142,31 @@ def preference_pairs(exp, p):
 
 
 # ---------------------------------------------------------------------------- RLHF
+def _guarded(name: str, body, exp):
+    """``body(exp)`` after the up-front check, with SIGINT / SIGTERM handled for the
+    whole run: inside a phase the phase reports and keeps its saves; between phases
+    (evaluation, pair synthesis) the run stops with one line too."""
+    validate.check(exp)
+    with signals.guard(name):
+        try:
+            return body(exp)
+        except signals.Interrupted as err:
+            signals.stop(err, phase=name, resume_from=lambda: (
+                "the newest checkpoint of the phase it was in (finished phases are kept)"))
+            raise
+
+
 def run_rlhf(exp: RLHFExperiment) -> dict:
     """SFT → reward model on pairs → RL against it → verifiable evaluation."""
+    return _guarded("the RLHF run", _run_rlhf, exp)
+
+
+def run_dpo(exp: DPOExperiment) -> dict:
+    """SFT → DPO-family optimisation on pairs → verifiable evaluation."""
+    return _guarded("the DPO run", _run_dpo, exp)
+
+
+def _run_rlhf(exp: RLHFExperiment) -> dict:
     t_start = time.time()
     base = exp.base
     p = prepare.prepare(base, total_steps=base.rl.steps)
@@ -191,8 +215,7 @@ def run_rlhf(exp: RLHFExperiment) -> dict:
 
 
 # ----------------------------------------------------------------------------- DPO
-def run_dpo(exp: DPOExperiment) -> dict:
-    """SFT → DPO-family optimisation on pairs → verifiable evaluation."""
+def _run_dpo(exp: DPOExperiment) -> dict:
     t_start = time.time()
     base = exp.base
     p = prepare.prepare(base, total_steps=exp.dpo_steps)

@@ -24,7 +24,9 @@ abandoned, which is clean because orbax writes into a temporary directory that a
 ignores and removes.
 
 Handlers are installed only in the main thread (elsewhere ``guard`` does nothing) and
-the previous ones are restored when the block ends; nested guards share the outer one.
+the previous ones are restored when the block ends; nested guards share the outer one
+(a recipe guards its whole run, each phase loop its own steps and saves); the message
+is printed once, by the innermost ``stop``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Interrupted(SystemExit):
     def __init__(self, signum: int):
         super().__init__(128 + signum)
         self.signum = signum
+        self.reported = False      # the one-line message was printed (``stop``)
 
     @property
     def name(self) -> str:
@@ -118,16 +121,20 @@ def guard(phase: str, *, stream=None) -> Iterator[Guard]:
             signal.signal(s, handler)
 
 
-def stop(err: Interrupted, *, phase: str, step: int, total: int,
+def stop(err: Interrupted, *, phase: str, step: int | None = None, total: int | None = None,
          wait: Callable[[], None] | None = None, resume_from: Callable[[], str] | None = None,
          stream=None) -> None:
     """Finishes the save in flight (``wait``), prints the one-line message and returns;
     the caller re-raises ``err``. ``resume_from()`` describes the newest complete
     checkpoint (called after the wait)."""
+    if err.reported:
+        return
     if wait is not None:
         wait()
     where = resume_from() if resume_from is not None else "the start"
-    print(f"rlx: stopped by {err.name} during {phase} ({step} of {total} steps done); "
+    err.reported = True
+    done = f" ({step} of {total} steps done)" if step is not None else ""
+    print(f"rlx: stopped by {err.name} during {phase}{done}; "
           f"rerun the same command to resume from {where}",
           file=stream or sys.stderr, flush=True)
 

@@ -137,3 +137,26 @@ def test_a_torn_metrics_line_is_set_aside_not_appended_to(tmp_path):
     # A complete file is left alone.
     RunLogger(str(tmp_path), total_steps=3, tensorboard=False, console=False).close()
     assert (tmp_path / "metrics.jsonl.torn").read_text() == '{"step": 2, "lo\n'
+
+
+def test_nested_guards_report_once_and_the_outer_one_covers_the_gaps(capsys):
+    def run(where):
+        with signals.guard("the run") as outer:
+            try:
+                with ck.PhaseLoop(None, phase="the phase", steps=2) as loop:
+                    assert loop.guard is outer             # one handler for both
+                    if where == "phase":
+                        os.kill(os.getpid(), signal.SIGTERM)
+                        sum(range(100_000))
+                if where == "between":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    sum(range(100_000))
+            except signals.Interrupted as err:
+                signals.stop(err, phase="the run", resume_from=lambda: "its checkpoints")
+                raise
+
+    for where, phase in (("phase", "the phase (0 of 2 steps done)"), ("between", "the run;")):
+        with pytest.raises(signals.Interrupted):
+            run(where)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"rlx: stopped by SIGTERM during {phase}")

@@ -213,3 +213,74 @@ def test_recipe_classes_are_reachable_under_their_gin_names():
         Experiment, RLHFExperiment, DPOExperiment)
     with pytest.raises(AttributeError, match="no attribute 'Experimnt'"):
         rlx.Experimnt  # noqa: B018
+
+
+# ----------------------------------------------------------------- several hosts
+@pytest.mark.parametrize("command", ["train", "rlhf", "dpo"])
+def test_every_entry_point_starts_distributed_from_its_flags_first(monkeypatch, capsys,
+                                                                    command):
+    from rlx import sharding
+
+    seen = []
+
+    def init(address, num, pid):
+        seen.append((address, num, pid))
+        raise ValueError("stopped after init_distributed")
+
+    monkeypatch.setattr(sharding, "init_distributed", init)
+    assert cli.main([command, "--coordinator_address", "10.0.0.1:1234", "--num_processes",
+                     "4", "--process_id", "3", "--gin_param", "no.such = 1"]) == 2
+    assert seen == [("10.0.0.1:1234", 4, 3)]          # before the bad binding is parsed
+    assert "stopped after init_distributed" in capsys.readouterr().err
+
+
+@pytest.fixture
+def fake_initialize(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for var in list(os.environ):
+        if var.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR")):
+            monkeypatch.delenv(var)
+    return calls
+
+
+def test_init_distributed_explicit_flags(fake_initialize, monkeypatch):
+    from rlx import sharding
+
+    assert sharding.init_distributed() == 1 and fake_initialize == []      # plain process
+    assert sharding.init_distributed(None, 1, 0) == 1 and fake_initialize == []
+    for args, match in [((None, 2, None), "needed together"), (("h:1", None, 0), "together"),
+                        (("h:1", 2, 2), r"process_id=2: must be in \[0, 2\)"),
+                        (("h:1", 0, 0), "num_processes=0"),
+                        ((None, 2, 1), "coordinator_address")]:
+        with pytest.raises(ValueError, match=match):
+            sharding.init_distributed(*args)
+    assert fake_initialize == []
+    sharding.init_distributed("127.0.0.1:5555", 2, 1)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.1.1.1:9")
+    sharding.init_distributed(None, 3, 0)
+    assert [(c["coordinator_address"], c["num_processes"], c["process_id"])
+            for c in fake_initialize] == [("127.0.0.1:5555", 2, 1), ("10.1.1.1:9", 3, 0)]
+
+
+@pytest.mark.parametrize("env, count", [
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2",
+      "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}, 2),
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node1", "SLURM_NTASKS": "1",
+      "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, 1),
+    ({"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.96.0.1:34911",
+      "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "2",
+      "OMPI_COMM_WORLD_LOCAL_RANK": "0"}, 4),
+])
+def test_init_distributed_auto_detects_the_launcher(fake_initialize, monkeypatch, env, count):
+    """jax's own cluster detection finds SLURM / Open MPI; only a job of several
+    processes starts the runtime (with jax reading everything from the launcher)."""
+    from rlx import sharding
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    found = sharding.detect_cluster()
+    assert found is not None and found[1] == count
+    sharding.init_distributed()
+    assert fake_initialize == ([{"initialization_timeout": 300}] if count > 1 else [])

@@ -325,3 +325,118 @@ def test_task_by_import_path_builds_the_users_task(tmp_path, monkeypatch):
     assert len(planned.train) == 20 and all("+" in q.prompt for q in planned.train)
     with pytest.raises(ValueError, match=r"unknown task name 'chess'.*dotted import path"):
         prepare.plan(Experiment(task="chess"))
+
+
+# --------------------------------------------------------------- pretrained mode
+def _tiny_hf_folder(tmp_path):
+    """A tiny Qwen2-format checkpoint with a ChatML tokenizer (no downloads)."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
+    from hf_folders import qwen2_folder
+
+    from rlx.models import api
+    from rlx.models.config import ModelConfig
+    from rlx.models.convert import save_hf
+
+    folder = qwen2_folder(tmp_path / "qwen")
+    cfg = ModelConfig(vocab_size=folder.vocab_size, hidden_size=16, intermediate_size=32,
+                      num_layers=1, num_heads=2, num_kv_heads=1, qkv_bias=True,
+                      tie_embeddings=True)
+    save_hf(folder.path, cfg, api.init(cfg, seed=0)[1], tokenizer=folder.path, overwrite=True)
+    return folder.path
+
+
+def test_pretrained_mode_defaults_and_explicit_settings_win(tmp_path):
+    from rlx.data.tokenizer import load_tokenizer
+    from rlx.recipes import prepare
+    from rlx.recipes.experiment import Experiment
+    from rlx.sampling.config import SamplerConfig
+
+    hf = _tiny_hf_folder(tmp_path)
+    toy, real = Experiment().resolved(), Experiment(hf_checkpoint=hf).resolved()
+    assert (toy.sft_steps, toy.sft_lr, toy.rl_lr, toy.critic_lr, toy.max_new_tokens) == \
+        (600, 3e-3, 1e-4, 1e-4, 32)
+    assert toy.model_overrides == {} and toy.use_chat_template is False
+    assert (real.sft_steps, real.sft_lr, real.rl_lr, real.critic_lr, real.max_new_tokens) == \
+        (0, 1e-5, 1e-6, 1e-5, 1024)
+    assert real.model_overrides == {"dtype": "bfloat16"} and real.resolved() == real
+    tok = load_tokenizer(hf)
+    assert prepare.chat_template_on(real, tok) and not prepare.chat_template_on(toy, tok)
+    # every explicit setting wins over its mode's default
+    mine = Experiment(hf_checkpoint=hf, sft_steps=5, sft_lr=0.1, rl_lr=0.2, critic_lr=0.3,
+                      max_new_tokens=16, use_chat_template=False,
+                      model_overrides={"dtype": "float32", "num_layers": 1}).resolved()
+    assert (mine.sft_steps, mine.sft_lr, mine.rl_lr, mine.critic_lr, mine.max_new_tokens) == \
+        (5, 0.1, 0.2, 0.3, 16)
+    assert mine.model_overrides == {"dtype": "float32", "num_layers": 1}
+    assert not prepare.chat_template_on(mine, tok)
+    assert Experiment(hf_checkpoint=hf, model_overrides={"num_layers": 1}).resolved() \
+        .model_overrides == {"dtype": "bfloat16", "num_layers": 1}
+    # the generation length is capped by the largest completion bucket
+    capped = Experiment(hf_checkpoint=hf, sampler=SamplerConfig(completion_buckets=(16, 256)))
+    assert capped.resolved().max_new_tokens == 256
+    assert prepare.make_sampler(capped, tok).max_new_tokens == 256
+    # the prepare steps read the resolved values
+    assert prepare.make_sampler(Experiment(hf_checkpoint=hf), tok).max_new_tokens == 1024
+    cfg, _, _ = prepare.build_model(Experiment(hf_checkpoint=hf), tok.vocab_size)
+    assert cfg.dtype == "bfloat16" and cfg.param_dtype == "float32"
+
+
+@pytest.mark.parametrize("name", ["qwen2.5", "llama3"])
+def test_shipped_checkpoint_configs_build_in_pretrained_mode(tmp_path, name):
+    """qwen2.5.gin / llama3.gin with an hf_checkpoint: every binding parses and is used,
+    and the run is built with the pretrained defaults (lr 1e-6, 1024 tokens, bf16,
+    the checkpoint's chat template, FSDP over every device)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rlx.data.tokenizer import load_tokenizer
+    from rlx.recipes import prepare
+    from rlx.recipes.experiment import Experiment
+
+    hf = _tiny_hf_folder(tmp_path)
+    records = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(12)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", f"{name}.gin")
+    cli.parse_config([path], [f'rlx.Experiment.hf_checkpoint = "{hf}"',
+                              f'rlx.Experiment.data_file = "{data}"',
+                              "rlx.Experiment.eval_problems = 4",
+                              f'rlx.Experiment.run_dir = "{tmp_path / "run"}"'])
+    exp = Experiment().resolved()
+    planned = prepare.plan(exp)
+    assert dict(planned.mesh.shape) == {"data": 1, "fsdp": len(jax.devices()), "tensor": 1}
+    tok = load_tokenizer(hf)
+    assert prepare.make_sampler(exp, tok).max_new_tokens == 1024
+    assert prepare.chat_template_on(exp, tok) and exp.sft_steps == 0
+    assert exp.model_overrides["dtype"] == "bfloat16"
+    tx = prepare.rl_optimizer(exp)
+    params = {"w": jnp.ones((2,))}
+    step, _ = tx.update({"w": jnp.asarray([1.0, -1.0])}, tx.init(params), params)
+    np.testing.assert_allclose(step["w"], [-1e-6, 1e-6], rtol=1e-4)
+    assert planned.objective.label == ("dapo" if name == "qwen2.5" else "grpo")
+
+
+def test_rl_start_from_a_checkpoint_is_sharded_from_the_first_byte(tmp_path):
+    """benchmarks/sharded_load.py at a small size, 8 simulated devices, fsdp=8: after
+    loading, Adam moments, the reference and the RLTrainer, the fullest device holds
+    1/8 of params + moments + reference (within the replicated norm scales), the
+    trainer takes the state over without a copy, and the one-device path holds 8x."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "figures.json"
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sharded_load.py")
+    proc = subprocess.run([sys.executable, script, "--preset", "small", "--baseline",
+                           "--dir", str(tmp_path / "ckpt"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded, baseline = json.loads(out.read_text())["results"]
+    ideal = sharded["ideal_per_device"]
+    phases = [p["max_device_bytes"] for p in sharded["phases"]]
+    assert phases[0] <= 0.26 * ideal                            # params only
+    assert phases[-1] <= 1.02 * ideal                           # + moments + reference
+    assert phases[-1] <= phases[-2]                             # the trainer copied nothing
+    assert baseline["phases"][-1]["max_device_bytes"] >= 7.9 * phases[-1]
+    assert "RLTrainer built" in proc.stdout

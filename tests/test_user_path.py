@@ -218,3 +218,38 @@ def test_user_checkpoint_data_and_reward_module_train_resume_and_export(tmp_path
             stopped += 1
             assert not any(t in eos for t in new[:-1])
     assert stopped == 2, "the exported model did not stop at its eos"
+
+
+def test_readme_user_path_block_is_short_and_its_pieces_parse(tmp_path):
+    """The README's section: at most 15 lines; its reward module scores a problem; its
+    gin file and bindings parse (the checkpoint path is the reader's own)."""
+    import re
+    from types import SimpleNamespace
+
+    import gin
+
+    from rlx import cli
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    section = readme.split("## Your checkpoint, data and reward", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    assert len(block.splitlines()) <= 15
+    reward = block.split("<<'PY'", 1)[1].split("\nPY\n", 1)[0].split("\n", 1)[1]
+    namespace: dict = {}
+    exec(compile(reward, "my_rewards.py", "exec"), namespace)     # noqa: S102 - our README
+    problem = SimpleNamespace(prompt="What is 12 + 7?", answer="19")
+    assert namespace["score"]("it is 19", problem) == 1.0
+    assert namespace["score"]("it is 18", problem) == 0.0
+    files = re.findall(r"--gin_file=(\S+)", block)
+    params = re.findall(r"--gin_param='([^']+)'", block)
+    assert files == ["experiments/configs/qwen2.5.gin"] and len(params) == 3
+    root = os.path.join(os.path.dirname(__file__), "..")
+    gin.clear_config()
+    try:
+        cli.parse_config([os.path.join(root, files[0])], params)
+        from rlx.recipes.experiment import Experiment
+        exp = Experiment()
+        assert exp.rewards == ("my_rewards.score",) and exp.objective == "dapo"
+        assert exp.hf_checkpoint and exp.data_file == "train.jsonl"
+    finally:
+        gin.clear_config()

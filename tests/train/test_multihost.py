@@ -14,6 +14,7 @@ steps (observed ≈ 2e-8: only the order of the cross-device reductions differs)
 losses within rtol 1e-5. A hung collective fails the test after TIMEOUT_S.
 """
 
+import json
 import os
 import signal
 import socket
@@ -101,3 +102,115 @@ def test_two_processes_agree_with_one_device(tmp_path, meshes):
             assert proc["checkpoint:" + mesh].all(), (mesh, proc["checkpoint:" + mesh])
         step_dir = tmp_path / "ckpt" / mesh / "2" / "state"
         assert (step_dir / "ocdbt.process_0").is_dir() and (step_dir / "ocdbt.process_1").is_dir()
+
+
+# --------------------------------------------------------------- rlx train itself
+CLI_TINY = [
+    'rlx.Experiment.model = "tiny"',
+    "rlx.Experiment.train_problems = 64",
+    "rlx.Experiment.eval_problems = 8",
+    "rlx.Experiment.sft_steps = 2",
+    "rlx.Experiment.sft_batch = 8",
+    "rlx.Experiment.num_generations = 2",
+    "rlx.Experiment.max_new_tokens = 4",
+    "rlx.Experiment.mesh_shape = (1, 2, 1)",          # FSDP: parameters split over hosts
+    "rlx.train.RLConfig.prompts_per_step = 4",
+    "rlx.train.RLConfig.eval_every = 1",
+    "rlx.train.RLConfig.log_samples_every = 1",
+    "rlx.train.RLConfig.checkpoint_every = 1",
+    'rlx.Experiment.rewards = ("numeric_exact_match", "lengths.score")',
+]
+# A user reward that differs within groups, so that every RL step moves the parameters.
+LENGTHS = "def score(completion, problem):\n    return (len(completion) % 3) / 2\n"
+
+
+def _rlx_train(run_dir, steps, *, process=None, port=None, log):
+    """``rlx train`` on the tiny default experiment: one process with 2 CPU devices, or
+    process ``process`` of 2 with one device each (``--coordinator_address``, gloo)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(run_dir).parent),
+                                         env.get("PYTHONPATH", "")])
+    env.update(JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={1 if process is not None else 2}")
+    params = CLI_TINY + [f'rlx.Experiment.run_dir = "{run_dir}"',
+                         f"rlx.train.RLConfig.steps = {steps}"]
+    cmd = [sys.executable, "-m", "rlx.cli", "train", *[f"--gin_param={b}" for b in params]]
+    if process is not None:
+        cmd += ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+                "--process_id", str(process)]
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _wait_all(procs, logs, tmp_path):
+    failures = []
+    try:
+        for name, proc in procs.items():
+            try:
+                rc = proc.wait(timeout=TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                rc = "timeout (hung collective?)"
+            if rc != 0:
+                failures.append((name, rc))
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for log in logs.values():
+            log.close()
+    if failures:
+        tails = "\n".join(f"--- {n} ({rc}):\n" + (tmp_path / f"{n}.log").read_text()[-3000:]
+                          for n, rc in failures)
+        raise AssertionError(f"rlx train failures {failures}\n{tails}")
+
+
+def _two_processes(tmp_path, run_dir, steps, tag):
+    port = _free_port()
+    logs = {f"{tag}{i}": open(tmp_path / f"{tag}{i}.log", "w") for i in range(2)}
+    procs = {name: _rlx_train(run_dir, steps, process=i, port=port, log=logs[name])
+             for i, name in enumerate(logs)}
+    _wait_all(procs, logs, tmp_path)
+    return [(tmp_path / f"{tag}{i}.log").read_text() for i in range(2)]
+
+
+def test_rlx_train_on_two_processes_resumes_and_exports_like_one(tmp_path):
+    """Two ``rlx train`` processes on 127.0.0.1 (gloo CPU collectives, one device each,
+    parameters FSDP-split across them) run the whole recipe: tokenizer training on
+    process 0 (broadcast), SFT, evaluation, generation, rewards (scored on process 0),
+    updates, sample tables, checkpoints; a rerun with one more step resumes from the
+    checkpoint of step 2; the export written by process 0 equals the export of one
+    process with two devices trained straight through 3 steps (|Δθ| ≤ 1e-6 + 1e-5·|θ|),
+    and so do the per-step rewards, losses, gradient norms and held-out accuracies."""
+    from safetensors.numpy import load_file
+
+    ref_dir, run_dir = tmp_path / "one", tmp_path / "two"
+    (tmp_path / "lengths.py").write_text(LENGTHS)
+    with open(tmp_path / "ref.log", "w") as log:
+        ref = _rlx_train(ref_dir, 3, log=log)
+        _wait_all({"ref": ref}, {"ref": log}, tmp_path)
+    first = _two_processes(tmp_path, run_dir, 2, "a")
+    assert "=== rlx run summary ===" in first[0] and "=== rlx run summary ===" not in first[1]
+    assert sorted(os.listdir(run_dir / "checkpoints"))[-1] == "2"
+    second = _two_processes(tmp_path, run_dir, 3, "b")
+    assert "resumed from checkpoint step 2" in second[0]
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(line) for line in (ref_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["step"] > 0] == [1, 2, 3]
+    assert all(r["grad_norm"] > 0 for r in ref_rows if r["step"] > 0)
+    for key in ("reward_mean", "eval/accuracy", "loss", "grad_norm"):   # same rollouts
+        got = [r[key] for r in rows if r["step"] > 0]
+        want = [r[key] for r in ref_rows if r["step"] > 0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=key)
+    assert (run_dir / "samples.md").read_text().count("samples at step") == 3
+    assert (run_dir / "tokenizer.model").read_bytes() == (ref_dir / "tokenizer.model").read_bytes()
+    two = load_file(str(run_dir / "hf_export" / "model.safetensors"))
+    one = load_file(str(ref_dir / "hf_export" / "model.safetensors"))
+    assert two.keys() == one.keys()
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rl_steps"] == 3 and summary["hf_export"]
+    assert json.loads((run_dir / "hf_export" / "config.json").read_text())["eos_token_id"] \
+        is not None

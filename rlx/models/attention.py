@@ -56,7 +56,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
     """
     b, s, h, dh = q.shape
     if s == 1:
-        return attend_one_query(q, k, v, allowed, prefix)
+        heads = lambda x: x.swapaxes(1, 2)  # noqa: E731  [., T, K, Dh] -> [., K, T, Dh]
+        if prefix is not None:
+            prefix = (heads(prefix[0]), heads(prefix[1]), prefix[2])
+        return attend_one_query(q, heads(k), heads(v), allowed, prefix)
     kh = k.shape[2]
     r = h // kh
     qg = q.reshape(b, s, kh, r, dh) * jnp.asarray(dh ** -0.5, q.dtype)
@@ -88,43 +91,50 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
 def attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
                      prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None
                      ) -> jax.Array:
-    """``attend`` for one query token per row (S = 1, a decode step); same arguments.
+    """``attend`` for one query token per row (S = 1, a decode step) over a head-major
+    cache (``rlx.models.cache``).
 
-    A decode step is a matrix-vector product per (row, kv head): it is written as fused
-    multiply-reduces over the cache in its own [B, T, K, Dh] layout. The einsum form of
-    ``attend`` lowers to batched dots whose batch axes (b, k) must lead, so XLA first
-    copies every layer's whole cache (and the shared prefix) to [B, K, T, Dh] at every
-    step; here each key and value is read once, in place. The two key regions (shared
-    prefix, per-row slots) are normalised together without concatenating them:
-    softmax over both = exp(s − m) / (Σ_prefix + Σ_rows) with m the joint maximum.
+    Args:
+      q: [B, 1, H, Dh]; k, v: [B, K, T, Dh]; allowed: [B, 1, T] bool.
+      prefix: optional (k_p [P, K, Tp, Dh], v_p [P, K, Tp, Dh], valid_p [P, Tp]) shared
+        by the G = B/P consecutive rows of each prompt.
+    Returns:
+      [B, 1, H, Dh] in q's dtype.
+
+    Per (row, kv head) this is [R, Dh]·[Dh, T] and [R, T]·[T, Dh] with (B, K) as batch
+    axes, which the head-major layout stores contiguously: no operand is transposed
+    (the [B, T, K, Dh] form of ``attend`` makes XLA copy every layer's whole cache to
+    this layout at every step). The two key regions (shared prefix, per-row slots) are
+    normalised together without concatenating them: softmax over both is
+    exp(s − m) / (Σ_prefix + Σ_rows) with m the joint maximum.
     """
     b, s, h, dh = q.shape
     if s != 1:
         raise ValueError(f"attend_one_query: expected one query token per row, got S={s}")
-    kh = k.shape[2]
+    kh = k.shape[1]
     r = h // kh
     f32 = jnp.float32
     qf = q.astype(f32).reshape(b, kh, r, dh) * f32(dh ** -0.5)
-    # [B, T, K, R]: row slots
-    scores = jnp.sum(qf[:, None] * k.astype(f32)[:, :, :, None, :], axis=-1)
-    scores = jnp.where(allowed[:, 0, :, None, None], scores, NEG_INF)
-    m = jnp.max(scores, axis=1, keepdims=True)                       # [B, 1, K, R]
+    scores = jnp.einsum("bkrd,bktd->bkrt", qf, k.astype(f32))          # [B, K, R, T]
+    scores = jnp.where(allowed[:, :, None, :], scores, NEG_INF)
+    m = jnp.max(scores, axis=-1)                                         # [B, K, R]
     if prefix is not None:
+        # Prefix terms in (prompt, kv head)-batch order [P, K, G, R, ·], the order the
+        # dots produce; only the small [B, K, R] statistics change order.
         kp, vp, validp = prefix
-        p, tp = kp.shape[0], kp.shape[1]
+        p = kp.shape[0]
         g = b // p
-        qp = qf.reshape(p, g, 1, kh, r, dh)
-        # [P, G, Tp, K, R]: the prompt's keys once per prompt, read by its G rows
-        sp = jnp.sum(qp * kp.astype(f32)[:, None, :, :, None, :], axis=-1)
-        sp = jnp.where(validp[:, None, :, None, None], sp, NEG_INF)
-        m = jnp.maximum(m, jnp.max(sp, axis=2).reshape(b, 1, kh, r))
-    e = jnp.exp(scores - m)
-    denom = jnp.sum(e, axis=1)                                        # [B, K, R]
-    out = jnp.sum(e[..., None] * v.astype(f32)[:, :, :, None, :], axis=1)  # [B, K, R, Dh]
+        to_pk = lambda x: x.reshape(p, g, kh, r, *x.shape[3:]).swapaxes(1, 2)  # noqa: E731
+        to_b = lambda x: x.swapaxes(1, 2).reshape(b, kh, r, *x.shape[4:])  # noqa: E731
+        sp = jnp.einsum("pkgrd,pktd->pkgrt", to_pk(qf), kp.astype(f32))  # [P, K, G, R, Tp]
+        sp = jnp.where(validp[:, None, None, None, :], sp, NEG_INF)
+        m = jnp.maximum(m, to_b(jnp.max(sp, axis=-1)))
+    e = jnp.exp(scores - m[..., None])
+    denom = jnp.sum(e, axis=-1)
+    out = jnp.einsum("bkrt,bktd->bkrd", e, v.astype(f32))               # [B, K, R, Dh]
     if prefix is not None:
-        ep = jnp.exp(sp - m.reshape(p, g, 1, kh, r))
-        denom = denom + jnp.sum(ep, axis=2).reshape(b, kh, r)
-        out_p = jnp.sum(ep[..., None] * vp.astype(f32)[:, None, :, :, None, :], axis=2)
-        out = out + out_p.reshape(b, kh, r, dh)
+        ep = jnp.exp(sp - to_pk(m)[..., None])
+        denom = denom + to_b(jnp.sum(ep, axis=-1))
+        out = out + to_b(jnp.einsum("pkgrt,pktd->pkgrd", ep, vp.astype(f32)))
     out = out / denom[..., None]
     return out.reshape(b, 1, h, dh).astype(q.dtype)

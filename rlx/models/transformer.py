@@ -60,7 +60,13 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x, positions, context, layer: int, cache: KVCache | None):
-        """x [B,S,D] -> ([B,S,D], updated per-layer (k, v) or None)."""
+        """x [B,S,D] -> ([B,S,D], layer ``layer``'s updated (k, v) slots or None).
+
+        With a cache, the S new keys/values are written at slots
+        [context["slot"], + S) of the layer's head-major buffers [B, K, C, Dh] (in place
+        when the cache holds one buffer per layer, see ``rlx.models.cache``) and
+        returned in the layout the cache stores them in.
+        """
         cfg = self.cfg
         b, s, _ = x.shape
         inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -69,28 +75,33 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        new_kv = None
         if cache is None:
             out = _dense_attention(cfg, q, k, v, context)
+            return self.o_proj(out.reshape(b, s, cfg.num_heads * cfg.head_dim)), None
+        at = (0, 0, context["slot"], 0)
+        ck, cv = cache.layer(layer)                           # [B, K, C, Dh]
+        ck = jax.lax.dynamic_update_slice(ck, k.swapaxes(1, 2).astype(ck.dtype), at)
+        cv = jax.lax.dynamic_update_slice(cv, v.swapaxes(1, 2).astype(cv.dtype), at)
+        prefix = cache.prefix_layer(layer)                    # [P, K, Cp, Dh] or None
+        keys, values = ck.astype(q.dtype), cv.astype(q.dtype)
+        if s == 1 and cfg.decode_page_size == 0:
+            out = attn_lib.attend_one_query(q, keys, values, context["allowed"], prefix)
         else:
-            slot = context["slot"]
-            ck, cv = cache.layer(layer)       # this layer's own buffers: updated in place
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, slot, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, slot, 0, 0))
-            new_kv = (ck, cv)
-            prefix = cache.prefix_layer(layer)
-            if s == 1 and cfg.decode_page_size > 0:
+            slots = lambda x: x.swapaxes(1, 2)  # noqa: E731  [., K, C, Dh] -> [., C, K, Dh]
+            if prefix is not None:
+                prefix = (slots(prefix[0]), slots(prefix[1]), prefix[2])
+            if s == 1:
                 # LServe page selection for a decode step (prefill stays dense);
                 # imported lazily like the kernel backends (pulls in Pallas).
                 from rlx.models import paged_attention
                 out = paged_attention.decode_attend(
-                    q, ck.astype(q.dtype), cv.astype(q.dtype), context["allowed"],
-                    prefix=prefix, page_size=cfg.decode_page_size,
-                    budget=cfg.decode_page_budget, sink_pages=cfg.decode_sink_pages,
-                    local_pages=cfg.decode_local_pages)
+                    q, slots(keys), slots(values), context["allowed"], prefix=prefix,
+                    page_size=cfg.decode_page_size, budget=cfg.decode_page_budget,
+                    sink_pages=cfg.decode_sink_pages, local_pages=cfg.decode_local_pages)
             else:
-                out = attn_lib.attend(q, ck.astype(q.dtype), cv.astype(q.dtype),
-                                      context["allowed"], prefix=prefix)
+                out = attn_lib.attend(q, slots(keys), slots(values), context["allowed"],
+                                      prefix=prefix)
+        new_kv = (cache.to_stored(ck), cache.to_stored(cv))
         return self.o_proj(out.reshape(b, s, cfg.num_heads * cfg.head_dim)), new_kv
 
 

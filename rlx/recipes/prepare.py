@@ -529,13 +529,14 @@ def rl_identity(exp, p: "Prepared", reward_pool=None) -> dict:
     """What the RL checkpoints of ``exp`` are checkpoints of (``RLTrainer(identity=)``):
     objective, critic, model, task or data, tokenizer, chat template and rewards."""
     exp = settled(exp)
-    spec = getattr(reward_pool, "spec", None) or p.plan.spec
-    rewards = getattr(spec, "names", None)
+    # the verifier's components, or the kind of reward (a learned reward model)
+    rewards = (list(reward_pool.spec.names) if isinstance(reward_pool, RewardPool)
+               else type(reward_pool).__name__)
     return {"objective": p.objective.label, "critic": p.objective.separate_critic,
             **model_identity(exp), **data_identity(exp),
             "tokenizer_source": exp.tokenizer or exp.hf_checkpoint or "trained",
             "chat_template": chat_template_on(exp, p.tok),
-            "rewards": list(rewards) if rewards is not None else type(reward_pool).__name__,
+            "rewards": rewards,
             "sft_steps": exp.sft_steps}
 
 

@@ -20,6 +20,12 @@ the built-in ``PARAM_RULES`` (first match wins, so they override), and
 
 The mesh shape is set by the recipe (``rlx.Experiment.mesh_shape``).
 
+Several hosts: ``init_distributed`` starts ``jax.distributed`` (auto-detected launchers
+or explicit flags; the CLI calls it first), ``host_value`` gathers arrays that span
+processes, ``broadcast_bytes`` shares process 0's bytes. ``place`` gives every leaf
+fresh buffers in its shards; ``hand_over`` lets an owner give up arrays that are already
+in place, so that the next ``place`` moves them instead of copying.
+
 ``jax.pmap`` is in maintenance mode in current JAX: data parallelism is expressed as
 ``jit`` over sharded arrays, and ``shard_map`` with the ``BATCH_AXES`` axis names where
 a statistic must be reduced explicitly.
@@ -323,13 +329,17 @@ def detect_cluster() -> tuple[str, int] | None:
         from jax._src import clusters
     except ImportError:          # a jax without the module: no auto-detection
         return None
+    import warnings
+
     for env in clusters.ClusterEnv._cluster_types:
         if getattr(env, "opt_in_only_method", False):
             continue
         try:
-            if not env.is_env_present():
-                continue
-            count = int(env.get_process_count())
+            with warnings.catch_warnings():    # e.g. "Kubernetes without its package"
+                warnings.simplefilter("ignore")
+                if not env.is_env_present():
+                    continue
+                count = int(env.get_process_count())
         except Exception:       # noqa: BLE001 - a half-present environment is not one
             continue
         return getattr(env, "name", "") or env.__name__, count

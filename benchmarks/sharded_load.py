@@ -1,7 +1,7 @@
 """Benchmark: memory of the RL start from a Hugging Face checkpoint on an FSDP mesh.
 
     .venv/bin/python benchmarks/sharded_load.py                  # qwen2.5-0.5b, 8 devices, fsdp=8
-    .venv/bin/python benchmarks/sharded_load.py --baseline       # + the one-device path, for contrast
+    .venv/bin/python benchmarks/sharded_load.py --baseline       # + the one-device path
     .venv/bin/python benchmarks/sharded_load.py --preset tiny --quick   # smoke test
     .venv/bin/python benchmarks/sharded_load.py --json runs/sharded_load.json
 

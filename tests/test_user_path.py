@@ -203,7 +203,8 @@ def test_user_checkpoint_data_and_reward_module_train_resume_and_export(tmp_path
     if kind == "qwen2":
         assert hf_tok.bos_token is None and model.config.pad_token_id == tok.ids["<|endoftext|>"]
     stopped = 0
-    for prompt in ("What is 2 + 3?", "What is 1 + 1? Answer with one number. Answer with one number."):
+    for prompt in ("What is 2 + 3?",
+                   "What is 1 + 1? Answer with one number. Answer with one number."):
         ids = hf_tok.apply_chat_template([{"role": "user", "content": prompt}],
                                          add_generation_prompt=True, return_tensors="pt",
                                          return_dict=True)

@@ -130,8 +130,9 @@ def _rlx_train(run_dir, steps, *, process=None, port=None, log):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(run_dir).parent),
                                          env.get("PYTHONPATH", "")])
+    devices = 1 if process is not None else 2
     env.update(JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={1 if process is not None else 2}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     params = CLI_TINY + [f'rlx.Experiment.run_dir = "{run_dir}"',
                          f"rlx.train.RLConfig.steps = {steps}"]
     cmd = [sys.executable, "-m", "rlx.cli", "train", *[f"--gin_param={b}" for b in params]]

@@ -119,6 +119,7 @@ def _import_configurables() -> None:
     import rlx.sharding  # noqa: F401
     import rlx.tasks  # noqa: F401
     import rlx.train.optim  # noqa: F401
+    import rlx.train.async_rl  # noqa: F401
     import rlx.train.rl  # noqa: F401
 
 

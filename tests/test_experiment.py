@@ -440,3 +440,15 @@ def test_rl_start_from_a_checkpoint_is_sharded_from_the_first_byte(tmp_path):
     assert phases[-1] <= phases[-2]                             # the trainer copied nothing
     assert baseline["phases"][-1]["max_device_bytes"] >= 7.9 * phases[-1]
     assert "RLTrainer built" in proc.stdout
+
+
+def test_async_rollouts_are_used_by_rlx_train_when_async_config_is_bound(tmp_path):
+    run_dir = str(tmp_path / "async")
+    params = TINY + [f'rlx.Experiment.run_dir = "{run_dir}"', "rlx.Experiment.export_hf = False",
+                     "rlx.train.RLConfig.steps = 3", "rlx.train.AsyncConfig.max_staleness = 1"]
+    cli.train_main(gin_params=params)
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    rl_rows = [r for r in rows if r["step"] > 0]
+    assert len(rl_rows) == 3 and all("async/lag_max" in r for r in rl_rows)
+    assert all(r["async/lag_max"] <= 1 for r in rl_rows)
+    assert any(r["async/lag_max"] == 1 for r in rl_rows)    # the producer ran ahead

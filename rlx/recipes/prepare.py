@@ -56,7 +56,7 @@ from rlx.sampling.generate import generate
 from rlx.tasks import registry
 from rlx.tasks.base import Task
 from rlx.train import checkpoint as ckpt_lib
-from rlx.train import optim, rl
+from rlx.train import async_rl, optim, rl
 from rlx.train import state as state_lib
 from rlx.train.data import ProblemStream
 from rlx.train.logger import RunLogger
@@ -560,7 +560,16 @@ def train_rl(exp, p: Prepared, reward_pool) -> tuple[Any, list[dict], dict]:
         sh.hand_over(critic.state)
     # The prepared params, their moments and the reference are handed to the trainer,
     # which places them without a second copy (and donates the state to its steps).
-    trainer = rl.RLTrainer(
+    # Asynchronous rollouts when rlx.train.AsyncConfig is bound away from its defaults
+    # (max_staleness = 0 is the synchronous loop, bitwise).
+    async_cfg = async_rl.AsyncConfig()
+    bound = [f.name for f in dataclasses.fields(async_cfg)
+             if f.default is not dataclasses.MISSING and getattr(async_cfg, f.name) != f.default]
+    trainer_cls, extra = rl.RLTrainer, {}
+    if bound:
+        trainer_cls, extra = async_rl.AsyncRLTrainer, {"async_config": async_cfg}
+    trainer = trainer_cls(
+        **extra,
         graphdef=p.graphdef, tx=tx, objective=resolved.objective, state=sh.hand_over(state),
         tokenizer=p.tok, stream=ProblemStream(p.train, seed=exp.seed),
         reward_pool=reward_pool, sampler=p.sampler, config=exp.rl, run_dir=exp.run_dir,

@@ -466,9 +466,9 @@ class RLTrainer:
         if found is None:
             return False
         step, states, data_state, extra = found
-        self.state = sh.place(states["policy"], self.state_shardings)
+        self.state = states["policy"]        # restored straight into its shardings
         if self.critic is not None:
-            self.critic.state = sh.place(states["critic"], self.critic_shardings)
+            self.critic.state = states["critic"]
         if data_state is not None:
             self.stream.set_state(data_state)
         self.iteration_index = int(extra.get("iteration", step))

@@ -84,7 +84,11 @@ class Attention(nnx.Module):
         cv = jax.lax.dynamic_update_slice(cv, v.swapaxes(1, 2).astype(cv.dtype), at)
         prefix = cache.prefix_layer(layer)                    # [P, K, Cp, Dh] or None
         keys, values = ck.astype(q.dtype), cv.astype(q.dtype)
-        if s == 1 and cfg.decode_page_size == 0:
+        if context.get("from_slot_0") and prefix is None:
+            # Written at slot 0 (a prefill): causality leaves exactly the S new keys
+            # visible, so attend to them as computed, not to the transposed buffer.
+            out = attn_lib.attend(q, k, v, context["allowed"][:, :, :s])
+        elif s == 1 and cfg.decode_page_size == 0:
             out = attn_lib.attend_one_query(q, keys, values, context["allowed"], prefix)
         else:
             slots = lambda x: x.swapaxes(1, 2)  # noqa: E731  [., K, C, Dh] -> [., C, K, Dh]
@@ -167,7 +171,9 @@ class Trunk(nnx.Module):
           segment_ids: [B, S] Prefix Grouper packing (0 = prompt, i = completion i).
           cache: optional KVCache; the S new tokens are written at slots
             [cache_slot, cache_slot + S) and attend to every earlier valid slot.
-          cache_slot: scalar int slot index (required with cache).
+          cache_slot: scalar int slot index (required with cache). A Python 0 (a
+            prefill) is static: attention then reads only the S new keys, the only ones
+            causality leaves visible, instead of the whole cache buffer.
         Returns:
           (hidden [B, S, D], cache or None).
         """
@@ -190,6 +196,7 @@ class Trunk(nnx.Module):
             slot = jnp.asarray(cache_slot, jnp.int32)
             kv_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, slot))
             context = {"slot": slot,
+                       "from_slot_0": isinstance(cache_slot, int) and cache_slot == 0,
                        "allowed": attn_lib.allowed_mask(slot + jnp.arange(s),
                                                          jnp.arange(cache.num_slots), kv_mask)}
         x = self.embed(tokens)

@@ -1,6 +1,7 @@
 """Model unit tests: cache decoding, value/reward heads, rope scaling, configs, bf16."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +93,74 @@ def test_shared_prefix_group_decode_matches_full_forward(policy):
     full = np.asarray(_logits(graphdef, params, rows, rpos, rmask))[:, sp:]
     np.testing.assert_allclose(shared, full, atol=ATOL, rtol=0)
     np.testing.assert_allclose(copied, full, atol=ATOL, rtol=0)
+
+
+def _stacked_slot_major(cache):
+    """The same cache as one stacked [L, B, C, K, Dh] array per k/v (older layout)."""
+    def stack(xs):
+        return None if xs is None else jnp.stack([x.swapaxes(1, 2) for x in xs])
+    return cache.replace(k=stack(cache.k), v=stack(cache.v), prefix_k=stack(cache.prefix_k),
+                         prefix_v=stack(cache.prefix_v))
+
+
+def test_a_stacked_slot_major_cache_decodes_like_per_layer_buffers(policy):
+    graphdef, params = policy
+    p, g, sp = 2, 2, 5
+    prompt, pmask, ppos = _padded([5, 3], "left", width=sp, seed=7)
+    _, prefix = _step(graphdef, params, prompt, ppos, pmask,
+                      cache_lib.init_cache(CFG, p, sp), 0)
+    cache = cache_lib.share_prefix(prefix, g, 3)
+    assert len(cache.k) == CFG.num_layers and cache.k[0].shape == (p * g, 2, 3, 8)
+    tok = np.array([[3], [4], [5], [6]], np.int32)
+    pos = np.repeat(pmask.sum(1), g)[:, None].astype(np.int32)
+    one = np.ones((p * g, 1), bool)
+    want, per_layer = _step(graphdef, params, tok, pos, one, cache, 0)
+    got, stacked = _step(graphdef, params, tok, pos, one, _stacked_slot_major(cache), 0)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    assert stacked.k.shape == (CFG.num_layers, p * g, 3, 2, 8)
+    np.testing.assert_array_equal(stacked.k, _stacked_slot_major(per_layer).k)
+    np.testing.assert_array_equal(stacked.v, _stacked_slot_major(per_layer).v)
+
+
+def _instructions(hlo: str, shape: str) -> list[str]:
+    """Opcodes of the HLO instructions (fusions by name) whose result is ``shape``."""
+    pat = r"%(\S+) = " + re.escape(shape) + r"\{[^}]*\} ([\w-]+)\("
+    return [op if op != "fusion" else name for name, op in re.findall(pat, hlo)]
+
+
+def test_a_decode_step_updates_the_cache_in_place(policy):
+    """One decode step on a donated cache: each layer's buffer [B, K, C, Dh] is updated
+    and read where it lies. Neither a copy of a buffer, nor a transposed (slot-major)
+    layer, nor a stacked [L, ...] cache appears in the compiled step."""
+    graphdef, params = policy
+    b, c = 3, 7
+    step = jax.jit(api.forward_with_cache, static_argnums=0, donate_argnums=5)
+    cache = cache_lib.init_cache(CFG, b, c)
+    tok, one = np.ones((b, 1), np.int32), np.ones((b, 1), bool)
+    hlo = step.lower(graphdef, params, tok, tok, one, cache, 2).compile().as_text()
+    layer, slot_major, stacked = "f32[3,2,7,8]", "f32[3,7,2,8]", "f32[2,3,2,7,8]"
+    assert not [op for op in _instructions(hlo, layer) if "copy" in op or "transpose" in op]
+    assert not _instructions(hlo, slot_major) and not _instructions(hlo, stacked)
+
+
+def test_single_query_attention_equals_the_general_path():
+    """attend_one_query (S = 1, head-major) = the einsum path of ``attend`` for one of
+    two identical queries, with a shared prefix and masked keys."""
+    from rlx.models import attention as attn_lib
+    rng = np.random.default_rng(8)
+    p, g, t, tp, h, kh, dh = 2, 3, 5, 4, 4, 2, 8
+    b = p * g
+    r = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+    q, k, v = r(b, 1, h, dh), r(b, t, kh, dh), r(b, t, kh, dh)
+    prefix = (r(p, tp, kh, dh), r(p, tp, kh, dh), jnp.asarray(rng.random((p, tp)) < 0.7))
+    allowed = jnp.asarray(rng.random((b, 1, t)) < 0.6).at[:, :, 0].set(True)
+    heads = lambda x: x.swapaxes(1, 2)  # noqa: E731
+    one = attn_lib.attend_one_query(q, heads(k), heads(v), allowed,
+                                    (heads(prefix[0]), heads(prefix[1]), prefix[2]))
+    two = attn_lib.attend(jnp.concatenate([q, q], 1), k, v,
+                          jnp.concatenate([allowed, allowed], 1), prefix)
+    np.testing.assert_allclose(one[:, 0], two[:, 0], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(attn_lib.attend(q, k, v, allowed, prefix), one, atol=0, rtol=0)
 
 
 def test_padding_tokens_do_not_leak_into_real_positions(policy):
@@ -251,6 +320,7 @@ def test_bfloat16_compute_runs_and_tracks_float32(policy):
     logp, ent = _logprobs(graphdef, params, tokens, tokens, positions, mask)
     assert logp.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logp)))
     cache = cache_lib.init_cache(cfg, 2, 6)
-    assert cache.dtype == jnp.bfloat16 and all(x.dtype == jnp.bfloat16 for x in cache.k + cache.v)
+    assert cache.dtype == jnp.bfloat16
+    assert all(x.dtype == jnp.bfloat16 for x in cache.k + cache.v)
     step_logits, _ = _step(graphdef, params, tokens, positions, mask, cache, 0)
     assert bool(jnp.all(jnp.isfinite(step_logits)))

@@ -1,5 +1,7 @@
 """generate against cache-free forwards: greedy tokens, log-probs, group cache layouts."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,3 +128,33 @@ def test_decode_donates_the_cache_and_the_sampling_state(policy, prompts):
     assert len(buffers) == 4 * cfg.num_layers and all(x.is_deleted() for x in buffers)
     assert state.tokens.is_deleted()
     assert int(out.decode_steps) == 8
+
+
+def _instructions(hlo: str, shape: str) -> list[str]:
+    """Opcodes of the HLO instructions (fusions by name) whose result is ``shape``."""
+    pat = r"%(\S+) = " + re.escape(shape) + r"\{[^}]*\} ([\w-]+)\("
+    return [op if op != "fusion" else name for name, op in re.findall(pat, hlo)]
+
+
+def test_prefill_and_the_decode_loop_neither_copy_nor_transpose_the_cache(policy, prompts):
+    """The per-row buffers [B, K, T, Dh] are written once by prefill (no shared zero
+    broadcast copied into each) and updated in place by every decode step: no copy of
+    a buffer, no slot-major [B, T, K, Dh] transpose, no stacked [L, ...] cache."""
+    cfg, graphdef, params = policy
+    ids, mask = prompts
+    batch = prepare(ids, mask, SAMPLED, vocab_size=cfg.vocab_size)
+    x = device_inputs(batch)
+    args = (x["prompts"], x["prompt_mask"], jax.random.key(6), x["prompt_index"],
+            x["forced"], x["forced_lengths"])
+    static = dict(config=batch.config, mesh=None, data_axis="data")
+    cache, state = prefill(graphdef, params, *args, **static)
+    b, t, k, dh = 6, batch.config.max_new_tokens, cfg.num_kv_heads, cfg.head_dim
+    assert cache.k[0].shape == (b, k, t, dh)
+    layer, slot_major = f"f32[{b},{k},{t},{dh}]", f"f32[{b},{t},{k},{dh}]"
+    stacked = f"f32[{cfg.num_layers},{b},{k},{t},{dh}]"
+    hlo_prefill = prefill.lower(graphdef, params, *args, **static).compile().as_text()
+    hlo_decode = decode.lower(graphdef, params, cache, state, *args[:2], args[2], *args[3:],
+                              jnp.int32(8), **static).compile().as_text()
+    for hlo in (hlo_prefill, hlo_decode):
+        assert not [op for op in _instructions(hlo, layer) if "copy" in op or "transpose" in op]
+        assert not _instructions(hlo, slot_major) and not _instructions(hlo, stacked)

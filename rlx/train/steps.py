@@ -106,6 +106,7 @@ def _microbatches(batch, num: int):
 
 
 def _combine_metrics(stacked: dict) -> dict:
+    """Stacked per-step metrics -> scalars: min of ``*min*``, max of ``*max*``, mean of the rest."""
     out = {}
     for name, value in stacked.items():
         if "min" in name:

@@ -103,18 +103,11 @@ def _stack_minibatches(tree, num_prompts: int, minibatches: int):
 
 def _reduce(stacked: dict, steps: int) -> dict:
     """Metrics stacked over [E, M] optimizer steps -> scalars: min of ``*min*`` names,
-    max of ``*max*`` names, mean of the rest; ``<name>/last`` for ``LAST_METRICS``."""
-    out = {}
-    for name, v in stacked.items():
-        flat = v.reshape(-1)
-        if "min" in name:
-            out[name] = jnp.min(flat)
-        elif "max" in name:
-            out[name] = jnp.max(flat)
-        else:
-            out[name] = jnp.mean(flat)
-        if name in LAST_METRICS:
-            out[f"{name}/last"] = flat[-1]
+    max of ``*max*`` names, mean of the rest (``steps._combine_metrics``);
+    ``<name>/last`` for ``LAST_METRICS``."""
+    flat = {name: v.reshape(-1) for name, v in stacked.items()}
+    out = steps_lib._combine_metrics(flat)
+    out.update({f"{name}/last": flat[name][-1] for name in LAST_METRICS if name in flat})
     out["update/optimizer_steps"] = jnp.asarray(steps, jnp.float32)
     return out
 

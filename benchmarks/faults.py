@@ -209,7 +209,7 @@ class Pipeline:
         return self.params + [f'rlx.Experiment.run_dir = "{run_dir}"']
 
 
-def rlhf_pipeline(sft=40, rm=40, rl=6) -> Pipeline:
+def rlhf_pipeline(sft=40, rm=40, rl=12) -> Pipeline:
     params = TINY + [f"rlx.Experiment.sft_steps = {sft}", 'rlx.Experiment.objective = "ppo"',
                      f"rlx.train.RLConfig.steps = {rl}",
                      "rlx.RLHFExperiment.preference_problems = 16",
@@ -262,11 +262,16 @@ def signals_section(work: Path, cache: Path, rng: random.Random, quick: bool) ->
         injected_here = 0
         for label, sig in plan:
             sub, steps = pipe.phases[label]
+            # a random point of the phase in *this* run: after a random number of new
+            # saves of the phase, plus a random delay (mid-step or mid-save)
+            baseline = max(_steps(run_dir / sub), default=0)
+            if steps - baseline < 2:
+                row.notes.append(f"{pipe.kind}: {label} already finished, "
+                                 f"{names[sig]} not sent")
+                continue
+            target = baseline + rng.randint(2, max(2, (steps - baseline) // 3))
             start = log.stat().st_size if log.exists() else 0
             proc = _cli(pipe.kind, pipe.with_dir(run_dir), log, cache)
-            # a random point of the phase: after a random number of its saves, plus a
-            # random delay (often mid-step, sometimes mid-save or between phases)
-            target = rng.randint(1, max(1, steps // 2))
             deadline = time.monotonic() + TIMEOUT_S
             while proc.poll() is None and time.monotonic() < deadline:
                 done = _steps(run_dir / sub)

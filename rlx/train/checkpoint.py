@@ -38,6 +38,21 @@ back without any error) is caught by digests: a uint32 per state leaf
 the caller's ``extra`` (e.g. the iteration counter), the fingerprint, the identity and
 the leaf digests. A mismatch of either is treated like an unreadable step.
 
+**Several hosts: one step for all.** Every process checks its own view of every step's
+metadata (process-local reads through orbax's handlers, no barrier), then one
+collective that every process calls unconditionally (``process_allgather`` of the
+per-step validity vector) gives the steps valid everywhere, and all processes take the
+newest of those. Its arrays are read by each process (its own shards, again without a
+collective), the outcome is agreed before the digest comparison (itself a collective),
+and agreed once more after it; a step bad on any process is skipped by all, so every
+host restores the same step whatever its own files say. The bad step is moved aside
+in the view of each process that found it bad and by process 0, then all meet at a
+barrier before listing the directory again.
+
+**Fixed-length phases** (SFT warm-up, reward model, DPO) run under :class:`PhaseLoop`:
+periodic saves (:class:`PhaseCheckpoints`, gin ``rlx.train.PhaseCheckpoints``), resume,
+refusal of another identity, and SIGINT / SIGTERM handling (``rlx.train.signals``).
+
 Checkpoints written before fingerprints existed (their ``extra`` holds only the leaf
 digests) still restore: their tree is read from orbax's own metadata, so a structure
 change is still a :class:`CheckpointMismatch` and never a quarantine; they carry no

@@ -56,10 +56,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
     """
     b, s, h, dh = q.shape
     if s == 1:
-        heads = lambda x: x.swapaxes(1, 2)  # noqa: E731  [., T, K, Dh] -> [., K, T, Dh]
+        keys = lambda x: jnp.moveaxis(x, 1, -1)  # noqa: E731  [., T, K, Dh] -> [., K, Dh, T]
+        values = lambda x: x.swapaxes(1, 2)  # noqa: E731  [., T, K, Dh] -> [., K, T, Dh]
         if prefix is not None:
-            prefix = (heads(prefix[0]), heads(prefix[1]), prefix[2])
-        return attend_one_query(q, heads(k), heads(v), allowed, prefix)
+            prefix = (keys(prefix[0]), values(prefix[1]), prefix[2])
+        return attend_one_query(q, keys(k), values(v), allowed, prefix)
     kh = k.shape[2]
     r = h // kh
     qg = q.reshape(b, s, kh, r, dh) * jnp.asarray(dh ** -0.5, q.dtype)
@@ -91,20 +92,20 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
 def attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
                      prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None
                      ) -> jax.Array:
-    """``attend`` for one query token per row (S = 1, a decode step) over a head-major
-    cache (``rlx.models.cache``).
+    """``attend`` for one query token per row (S = 1, a decode step) over the cache
+    layout of ``rlx.models.cache`` (head-major, keys transposed).
 
     Args:
-      q: [B, 1, H, Dh]; k, v: [B, K, T, Dh]; allowed: [B, 1, T] bool.
-      prefix: optional (k_p [P, K, Tp, Dh], v_p [P, K, Tp, Dh], valid_p [P, Tp]) shared
+      q: [B, 1, H, Dh]; k: [B, K, Dh, T]; v: [B, K, T, Dh]; allowed: [B, 1, T] bool.
+      prefix: optional (k_p [P, K, Dh, Tp], v_p [P, K, Tp, Dh], valid_p [P, Tp]) shared
         by the G = B/P consecutive rows of each prompt.
     Returns:
       [B, 1, H, Dh] in q's dtype.
 
     Per (row, kv head) this is [R, Dh]·[Dh, T] and [R, T]·[T, Dh] with (B, K) as batch
-    axes, which the head-major layout stores contiguously: no operand is transposed
-    (the [B, T, K, Dh] form of ``attend`` makes XLA copy every layer's whole cache to
-    this layout at every step). The two key regions (shared prefix, per-row slots) are
+    axes, and both right-hand sides are stored as the products read them: no operand
+    is transposed (the [B, T, K, Dh] form of ``attend`` makes XLA copy every layer's
+    whole cache at every step). The two key regions (shared prefix, per-row slots) are
     normalised together without concatenating them: softmax over both is
     exp(s − m) / (Σ_prefix + Σ_rows) with m the joint maximum.
     """
@@ -115,18 +116,18 @@ def attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Arra
     r = h // kh
     f32 = jnp.float32
     qf = q.astype(f32).reshape(b, kh, r, dh) * f32(dh ** -0.5)
-    scores = jnp.einsum("bkrd,bktd->bkrt", qf, k.astype(f32))          # [B, K, R, T]
+    scores = jnp.einsum("bkrd,bkdt->bkrt", qf, k.astype(f32))          # [B, K, R, T]
     scores = jnp.where(allowed[:, :, None, :], scores, NEG_INF)
     m = jnp.max(scores, axis=-1)                                         # [B, K, R]
     if prefix is not None:
         # Prefix terms in (prompt, kv head)-batch order [P, K, G, R, ·], the order the
-        # dots produce; only the small [B, K, R] statistics change order.
+        # products produce; only the small [B, K, R] statistics change order.
         kp, vp, validp = prefix
         p = kp.shape[0]
         g = b // p
         to_pk = lambda x: x.reshape(p, g, kh, r, *x.shape[3:]).swapaxes(1, 2)  # noqa: E731
         to_b = lambda x: x.swapaxes(1, 2).reshape(b, kh, r, *x.shape[4:])  # noqa: E731
-        sp = jnp.einsum("pkgrd,pktd->pkgrt", to_pk(qf), kp.astype(f32))  # [P, K, G, R, Tp]
+        sp = jnp.einsum("pkgrd,pkdt->pkgrt", to_pk(qf), kp.astype(f32))  # [P, K, G, R, Tp]
         sp = jnp.where(validp[:, None, None, None, :], sp, NEG_INF)
         m = jnp.maximum(m, to_b(jnp.max(sp, axis=-1)))
     e = jnp.exp(scores - m[..., None])

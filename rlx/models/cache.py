@@ -4,8 +4,9 @@ The cache is a plain pytree so the sampler can carry it through ``lax.while_loop
 and donate it. Slots are written with ``dynamic_update_slice`` at a scalar slot index
 shared by all rows (prompts are left-padded so every row advances in lockstep).
 
-Layout: **one buffer per layer, head-major** — k and v are tuples of L arrays
-[B, K, C, Dh] (rows, kv heads, slots, head dim).
+Layout: **one buffer per layer, head-major, keys transposed** — ``k`` is a tuple of L
+arrays [B, K, Dh, C] and ``v`` a tuple of L arrays [B, K, C, Dh] (rows, kv heads,
+head dim / slots).
 
 * Per layer, not one stacked [L, ...] array: a decode step writes one slot of every
   layer and then reads the whole layer; with per-layer buffers both are in-place
@@ -14,20 +15,22 @@ Layout: **one buffer per layer, head-major** — k and v are tuples of L arrays
   write with extra copies), and writing the layers back is a stack: every step copied
   the whole cache several times over (XLA's cost analysis of the issue-16 decode step,
   a 35 MB cache: 395 MB accessed per step stacked, 80 MB per layer).
-* Head-major: decode attention is, per (row, kv head), a [R, Dh] × [Dh, C] and a
-  [R, C] × [C, Dh] product, so (B, K) are batch axes and C, Dh the matrix axes; in this
-  layout every operand is read as stored, with no transpose (measured on the issue-16
-  workload: attention ≈ 30% less CPU time than over a [B, C, K, Dh] layout).
+* Head-major, keys transposed: decode attention is, per (row, kv head), the products
+  [R, Dh]·[Dh, C] (scores) and [R, C]·[C, Dh] (values) with (B, K) as batch axes. In
+  this layout both right-hand sides are stored as the matmul reads them, with no
+  transpose: measured on the issue-16 workload, the score product costs a third of the
+  CPU time it costs over keys stored [B, K, C, Dh], and attention as a whole ≈ 30% less
+  than over the slot-major [B, C, K, Dh] layout of earlier versions.
 
-A stacked slot-major array ([L, B, C, K, Dh], the layout of earlier versions) is still
-accepted for ``k``/``v`` (and [L, P, Cp, K, Dh] for the prefix): ``layer`` and
-``prefix_layer`` return head-major views of either form and ``to_stored`` /
-``with_layers`` write back in the form the cache holds, so caches built by hand in
-that layout keep working (at the price of a transpose per layer and step).
+A stacked slot-major array ([L, B, C, K, Dh] for ``k`` and ``v``, [L, P, Cp, K, Dh] for
+the prefix: the earlier layout) is still accepted: ``layer`` and ``prefix_layer``
+return views in the layout above from either form and ``to_stored`` / ``with_layers``
+write back in the form the cache holds, so caches built by hand in that layout keep
+working (at the price of transposes per layer and step).
 
 Group rollouts share one prompt prefix: ``prefix_*`` hold the prompt's keys/values
-once per prompt (L × [P, K, Cp, Dh]) while ``k``/``v`` hold the per-rollout
-continuation (L × [B = P·G, K, C, Dh]). Attention reads both and normalises them with
+once per prompt (L × [P, K, Dh, Cp] and L × [P, K, Cp, Dh]) while ``k``/``v`` hold the
+per-rollout continuation (B = P·G rows). Attention reads both and normalises them with
 one softmax, so the G rows of a group never copy the prompt's KV entries.
 """
 
@@ -46,16 +49,34 @@ def _stacked(x) -> bool:
     return not isinstance(x, (tuple, list))
 
 
+def keys_from_slots(x: jax.Array) -> jax.Array:
+    """Slot-major keys [., C, K, Dh] -> stored keys [., K, Dh, C]."""
+    return jnp.moveaxis(x, 1, -1)
+
+
+def keys_to_slots(x: jax.Array) -> jax.Array:
+    """Stored keys [., K, Dh, C] -> slot-major [., C, K, Dh]."""
+    return jnp.moveaxis(x, -1, 1)
+
+
+def values_from_slots(x: jax.Array) -> jax.Array:
+    """Slot-major values [., C, K, Dh] <-> stored values [., K, C, Dh] (its own inverse)."""
+    return x.swapaxes(1, 2)
+
+
+values_to_slots = values_from_slots
+
+
 @struct.dataclass
 class KVCache:
     """Shapes: L layers, B rows, C slots, K kv heads, Dh head dim, P prompts.
 
     Attributes:
-      k, v: L per-layer arrays [B, K, C, Dh] (or one stacked slot-major
-        [L, B, C, K, Dh] array).
+      k: L per-layer arrays [B, K, Dh, C]; v: L per-layer arrays [B, K, C, Dh] (or,
+        either, one stacked slot-major [L, B, C, K, Dh] array).
       mask: [B, C] bool, True where the slot holds a real (attendable) token.
-      prefix_k, prefix_v: L per-layer shared prompt slots [P, K, Cp, Dh] (or stacked
-        slot-major [L, P, Cp, K, Dh]), or None.
+      prefix_k, prefix_v: L per-layer shared prompt slots [P, K, Dh, Cp] and
+        [P, K, Cp, Dh] (or stacked slot-major [L, P, Cp, K, Dh]), or None.
       prefix_mask: [P, Cp] bool, or None.
     """
 
@@ -89,40 +110,44 @@ class KVCache:
         return self.num_rows // self.prefix_mask.shape[0]
 
     def layer(self, i: int) -> tuple[jax.Array, jax.Array]:
-        """Layer ``i``'s (k, v) slots, head-major [B, K, C, Dh]."""
+        """Layer ``i``'s slots: keys [B, K, Dh, C], values [B, K, C, Dh]."""
         if _stacked(self.k):
-            return self.k[i].swapaxes(1, 2), self.v[i].swapaxes(1, 2)
+            return keys_from_slots(self.k[i]), values_from_slots(self.v[i])
         return self.k[i], self.v[i]
 
     def prefix_layer(self, i: int) -> tuple[jax.Array, jax.Array, jax.Array] | None:
-        """Layer ``i``'s shared prefix (k_p, v_p [P, K, Cp, Dh], valid_p [P, Cp]), or None."""
+        """Layer ``i``'s shared prefix (k_p [P, K, Dh, Cp], v_p [P, K, Cp, Dh],
+        valid_p [P, Cp]), or None."""
         if self.prefix_k is None:
             return None
         kp, vp = self.prefix_k[i], self.prefix_v[i]
         if _stacked(self.prefix_k):
-            kp, vp = kp.swapaxes(1, 2), vp.swapaxes(1, 2)
+            kp, vp = keys_from_slots(kp), values_from_slots(vp)
         return kp, vp, self.prefix_mask
 
-    def to_stored(self, x: jax.Array) -> jax.Array:
-        """A head-major layer [B, K, C, Dh] in the layout this cache stores layers in."""
-        return x.swapaxes(1, 2) if _stacked(self.k) else x
+    def to_stored(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """A layer's (k, v) as ``layer`` returns them, in the form this cache stores."""
+        if _stacked(self.k):
+            return keys_to_slots(k), values_to_slots(v)
+        return k, v
 
     def with_layers(self, k: Sequence[jax.Array], v: Sequence[jax.Array]) -> "KVCache":
         """The cache with every layer's slots replaced by ``k``/``v`` (L arrays each,
-        in the stored layout: see ``to_stored``); a stacked cache stays stacked."""
+        in the stored form: see ``to_stored``); a stacked cache stays stacked."""
         if _stacked(self.k):
             return self.replace(k=jnp.stack(k), v=jnp.stack(v))
         return self.replace(k=tuple(k), v=tuple(v))
 
 
-def head_major_layers(x: Layers | jax.Array | None) -> Layers | None:
-    """Per-layer head-major arrays from either stored form (see the module docstring)."""
+def layers_of(x: Layers | jax.Array | None, *, keys: bool) -> Layers | None:
+    """Per-layer arrays in the layout of the module docstring from either stored form."""
     if x is None or not _stacked(x):
         return None if x is None else tuple(x)
-    return tuple(x[i].swapaxes(1, 2) for i in range(x.shape[0]))
+    convert = keys_from_slots if keys else values_from_slots
+    return tuple(convert(x[i]) for i in range(x.shape[0]))
 
 
-def distinct_zeros(n: int, shape, dtype) -> Layers:
+def distinct_zeros(n: int, shape, dtype, first: int = 0) -> Layers:
     """``n`` zero arrays that XLA keeps apart.
 
     Identical ``jnp.zeros`` in one jitted function are merged (CSE) into a single
@@ -131,19 +156,22 @@ def distinct_zeros(n: int, shape, dtype) -> Layers:
     buffers of the issue-16 workload's cache). Here buffer i broadcasts 0·s_i, where
     the scalars s_i = i pass through an ``optimization_barrier`` so that XLA can
     neither tell the zeros apart from one another's nor fold them before fusion: each
-    buffer is written once.
+    buffer is written once (``first`` offsets the s_i, so that two calls in one
+    function do not produce equal zeros either).
     """
-    seeds = jax.lax.optimization_barrier(tuple(jnp.asarray(i, dtype) for i in range(n)))
+    seeds = jax.lax.optimization_barrier(
+        tuple(jnp.asarray(first + i, dtype) for i in range(n)))
     return tuple(jnp.broadcast_to(s * 0, shape) for s in seeds)
 
 
 def init_cache(config, batch_size: int, num_slots: int, dtype=None) -> KVCache:
     """An empty cache of ``num_slots`` slots per row (no prefix), one buffer per layer."""
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (batch_size, config.num_kv_heads, num_slots, config.head_dim)
-    zeros = distinct_zeros(2 * config.num_layers, shape, dtype)
-    return KVCache(k=zeros[::2], v=zeros[1::2],
-                   mask=jnp.zeros((batch_size, num_slots), bool))
+    b, c, kh, dh = batch_size, num_slots, config.num_kv_heads, config.head_dim
+    n = config.num_layers
+    return KVCache(k=distinct_zeros(n, (b, kh, dh, c), dtype),
+                   v=distinct_zeros(n, (b, kh, c, dh), dtype, first=n),
+                   mask=jnp.zeros((b, c), bool))
 
 
 def share_prefix(prefix: KVCache, group_size: int, num_slots: int) -> KVCache:
@@ -154,12 +182,13 @@ def share_prefix(prefix: KVCache, group_size: int, num_slots: int) -> KVCache:
     """
     if prefix.prefix_k is not None:
         raise ValueError("share_prefix: cache already has a shared prefix")
-    pk, pv = head_major_layers(prefix.k), head_major_layers(prefix.v)
-    num_prompts, kv_heads, _, head_dim = pk[0].shape
-    rows = num_prompts * group_size
-    zeros = distinct_zeros(2 * len(pk), (rows, kv_heads, num_slots, head_dim), pk[0].dtype)
-    return KVCache(k=zeros[::2], v=zeros[1::2], mask=jnp.zeros((rows, num_slots), bool),
-                   prefix_k=pk, prefix_v=pv, prefix_mask=prefix.mask)
+    pk, pv = layers_of(prefix.k, keys=True), layers_of(prefix.v, keys=False)
+    num_prompts, kh, dh, _ = pk[0].shape
+    b, c, n = num_prompts * group_size, num_slots, len(pk)
+    return KVCache(k=distinct_zeros(n, (b, kh, dh, c), pk[0].dtype),
+                   v=distinct_zeros(n, (b, kh, c, dh), pv[0].dtype, first=n),
+                   mask=jnp.zeros((b, c), bool), prefix_k=pk, prefix_v=pv,
+                   prefix_mask=prefix.mask)
 
 
 def repeat_rows(cache: KVCache, repeats: int, extra_slots: int = 0) -> KVCache:
@@ -176,5 +205,6 @@ def repeat_rows(cache: KVCache, repeats: int, extra_slots: int = 0) -> KVCache:
             x = jnp.pad(x, pad)
         return x
 
-    layers = lambda xs: tuple(grow(x, 2) for x in head_major_layers(xs))  # noqa: E731
-    return KVCache(k=layers(cache.k), v=layers(cache.v), mask=grow(cache.mask, 1))
+    return KVCache(k=tuple(grow(x, 3) for x in layers_of(cache.k, keys=True)),
+                   v=tuple(grow(x, 2) for x in layers_of(cache.v, keys=False)),
+                   mask=grow(cache.mask, 1))

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlx.models import attention as attn_lib
+from rlx.models import cache as cache_lib
 from rlx.models.cache import KVCache
 from rlx.models.config import ModelConfig
 from rlx.models.rope import apply_rope, inverse_frequencies
@@ -63,9 +64,9 @@ class Attention(nnx.Module):
         """x [B,S,D] -> ([B,S,D], layer ``layer``'s updated (k, v) slots or None).
 
         With a cache, the S new keys/values are written at slots
-        [context["slot"], + S) of the layer's head-major buffers [B, K, C, Dh] (in place
-        when the cache holds one buffer per layer, see ``rlx.models.cache``) and
-        returned in the layout the cache stores them in.
+        [context["slot"], + S) of the layer's buffers (keys [B, K, Dh, C], values
+        [B, K, C, Dh]; in place when the cache holds one buffer per layer, see
+        ``rlx.models.cache``) and returned in the form the cache stores them in.
         """
         cfg = self.cfg
         b, s, _ = x.shape
@@ -78,11 +79,13 @@ class Attention(nnx.Module):
         if cache is None:
             out = _dense_attention(cfg, q, k, v, context)
             return self.o_proj(out.reshape(b, s, cfg.num_heads * cfg.head_dim)), None
-        at = (0, 0, context["slot"], 0)
-        ck, cv = cache.layer(layer)                           # [B, K, C, Dh]
-        ck = jax.lax.dynamic_update_slice(ck, k.swapaxes(1, 2).astype(ck.dtype), at)
-        cv = jax.lax.dynamic_update_slice(cv, v.swapaxes(1, 2).astype(cv.dtype), at)
-        prefix = cache.prefix_layer(layer)                    # [P, K, Cp, Dh] or None
+        slot = context["slot"]
+        ck, cv = cache.layer(layer)                   # [B, K, Dh, C], [B, K, C, Dh]
+        ck = jax.lax.dynamic_update_slice(
+            ck, cache_lib.keys_from_slots(k).astype(ck.dtype), (0, 0, 0, slot))
+        cv = jax.lax.dynamic_update_slice(
+            cv, cache_lib.values_from_slots(v).astype(cv.dtype), (0, 0, slot, 0))
+        prefix = cache.prefix_layer(layer)            # [P, K, Dh, Cp], [P, K, Cp, Dh]
         keys, values = ck.astype(q.dtype), cv.astype(q.dtype)
         if context.get("from_slot_0") and prefix is None:
             # Written at slot 0 (a prefill): causality leaves exactly the S new keys
@@ -90,22 +93,23 @@ class Attention(nnx.Module):
             out = attn_lib.attend(q, k, v, context["allowed"][:, :, :s])
         elif s == 1 and cfg.decode_page_size == 0:
             out = attn_lib.attend_one_query(q, keys, values, context["allowed"], prefix)
-        else:
-            slots = lambda x: x.swapaxes(1, 2)  # noqa: E731  [., K, C, Dh] -> [., C, K, Dh]
+        else:                                         # slot-major [., C, K, Dh] paths
+            keys = cache_lib.keys_to_slots(keys)
+            values = cache_lib.values_to_slots(values)
             if prefix is not None:
-                prefix = (slots(prefix[0]), slots(prefix[1]), prefix[2])
+                prefix = (cache_lib.keys_to_slots(prefix[0]),
+                          cache_lib.values_to_slots(prefix[1]), prefix[2])
             if s == 1:
                 # LServe page selection for a decode step (prefill stays dense);
                 # imported lazily like the kernel backends (pulls in Pallas).
                 from rlx.models import paged_attention
                 out = paged_attention.decode_attend(
-                    q, slots(keys), slots(values), context["allowed"], prefix=prefix,
+                    q, keys, values, context["allowed"], prefix=prefix,
                     page_size=cfg.decode_page_size, budget=cfg.decode_page_budget,
                     sink_pages=cfg.decode_sink_pages, local_pages=cfg.decode_local_pages)
             else:
-                out = attn_lib.attend(q, slots(keys), slots(values), context["allowed"],
-                                      prefix=prefix)
-        new_kv = (cache.to_stored(ck), cache.to_stored(cv))
+                out = attn_lib.attend(q, keys, values, context["allowed"], prefix=prefix)
+        new_kv = cache.to_stored(ck, cv)
         return self.o_proj(out.reshape(b, s, cfg.num_heads * cfg.head_dim)), new_kv
 
 

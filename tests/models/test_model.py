@@ -97,10 +97,12 @@ def test_shared_prefix_group_decode_matches_full_forward(policy):
 
 def _stacked_slot_major(cache):
     """The same cache as one stacked [L, B, C, K, Dh] array per k/v (older layout)."""
-    def stack(xs):
-        return None if xs is None else jnp.stack([x.swapaxes(1, 2) for x in xs])
-    return cache.replace(k=stack(cache.k), v=stack(cache.v), prefix_k=stack(cache.prefix_k),
-                         prefix_v=stack(cache.prefix_v))
+    def stack(xs, to_slots):
+        return None if xs is None else jnp.stack([to_slots(x) for x in xs])
+    keys, values = cache_lib.keys_to_slots, cache_lib.values_to_slots
+    return cache.replace(k=stack(cache.k, keys), v=stack(cache.v, values),
+                         prefix_k=stack(cache.prefix_k, keys),
+                         prefix_v=stack(cache.prefix_v, values))
 
 
 def test_a_stacked_slot_major_cache_decodes_like_per_layer_buffers(policy):
@@ -110,7 +112,8 @@ def test_a_stacked_slot_major_cache_decodes_like_per_layer_buffers(policy):
     _, prefix = _step(graphdef, params, prompt, ppos, pmask,
                       cache_lib.init_cache(CFG, p, sp), 0)
     cache = cache_lib.share_prefix(prefix, g, 3)
-    assert len(cache.k) == CFG.num_layers and cache.k[0].shape == (p * g, 2, 3, 8)
+    assert len(cache.k) == CFG.num_layers == len(cache.v)
+    assert cache.k[0].shape == (p * g, 2, 8, 3) and cache.v[0].shape == (p * g, 2, 3, 8)
     tok = np.array([[3], [4], [5], [6]], np.int32)
     pos = np.repeat(pmask.sum(1), g)[:, None].astype(np.int32)
     one = np.ones((p * g, 1), bool)
@@ -129,23 +132,27 @@ def _instructions(hlo: str, shape: str) -> list[str]:
 
 
 def test_a_decode_step_updates_the_cache_in_place(policy):
-    """One decode step on a donated cache: each layer's buffer [B, K, C, Dh] is updated
-    and read where it lies. Neither a copy of a buffer, nor a transposed (slot-major)
-    layer, nor a stacked [L, ...] cache appears in the compiled step."""
+    """One decode step on a donated cache: each layer's buffers (keys [B, K, Dh, C],
+    values [B, K, C, Dh]) are updated and read where they lie. Neither a copy of a
+    buffer, nor a slot-major [B, C, K, Dh] layer, nor a stacked [L, ...] cache appears
+    in the compiled step."""
     graphdef, params = policy
     b, c = 3, 7
     step = jax.jit(api.forward_with_cache, static_argnums=0, donate_argnums=5)
     cache = cache_lib.init_cache(CFG, b, c)
     tok, one = np.ones((b, 1), np.int32), np.ones((b, 1), bool)
     hlo = step.lower(graphdef, params, tok, tok, one, cache, 2).compile().as_text()
-    layer, slot_major, stacked = "f32[3,2,7,8]", "f32[3,7,2,8]", "f32[2,3,2,7,8]"
-    assert not [op for op in _instructions(hlo, layer) if "copy" in op or "transpose" in op]
-    assert not _instructions(hlo, slot_major) and not _instructions(hlo, stacked)
+    assert cache.k[0].shape == (b, 2, 8, c) and cache.v[0].shape == (b, 2, c, 8)
+    for layer in ("f32[3,2,8,7]", "f32[3,2,7,8]"):
+        ops = _instructions(hlo, layer)
+        assert not [op for op in ops if "copy" in op or "transpose" in op], ops
+    for other in ("f32[3,7,2,8]", "f32[2,3,2,8,7]", "f32[2,3,2,7,8]", "f32[2,3,7,2,8]"):
+        assert not _instructions(hlo, other), other
 
 
 def test_single_query_attention_equals_the_general_path():
-    """attend_one_query (S = 1, head-major) = the einsum path of ``attend`` for one of
-    two identical queries, with a shared prefix and masked keys."""
+    """attend_one_query (S = 1, the cache's layout) = the einsum path of ``attend`` for
+    one of two identical queries, with a shared prefix and masked keys."""
     from rlx.models import attention as attn_lib
     rng = np.random.default_rng(8)
     p, g, t, tp, h, kh, dh = 2, 3, 5, 4, 4, 2, 8
@@ -154,9 +161,9 @@ def test_single_query_attention_equals_the_general_path():
     q, k, v = r(b, 1, h, dh), r(b, t, kh, dh), r(b, t, kh, dh)
     prefix = (r(p, tp, kh, dh), r(p, tp, kh, dh), jnp.asarray(rng.random((p, tp)) < 0.7))
     allowed = jnp.asarray(rng.random((b, 1, t)) < 0.6).at[:, :, 0].set(True)
-    heads = lambda x: x.swapaxes(1, 2)  # noqa: E731
-    one = attn_lib.attend_one_query(q, heads(k), heads(v), allowed,
-                                    (heads(prefix[0]), heads(prefix[1]), prefix[2]))
+    keys, values = cache_lib.keys_from_slots, cache_lib.values_from_slots
+    one = attn_lib.attend_one_query(q, keys(k), values(v), allowed,
+                                    (keys(prefix[0]), values(prefix[1]), prefix[2]))
     two = attn_lib.attend(jnp.concatenate([q, q], 1), k, v,
                           jnp.concatenate([allowed, allowed], 1), prefix)
     np.testing.assert_allclose(one[:, 0], two[:, 0], atol=1e-6, rtol=0)

@@ -137,9 +137,10 @@ def _instructions(hlo: str, shape: str) -> list[str]:
 
 
 def test_prefill_and_the_decode_loop_neither_copy_nor_transpose_the_cache(policy, prompts):
-    """The per-row buffers [B, K, T, Dh] are written once by prefill (no shared zero
-    broadcast copied into each) and updated in place by every decode step: no copy of
-    a buffer, no slot-major [B, T, K, Dh] transpose, no stacked [L, ...] cache."""
+    """The per-row buffers (keys [B, K, Dh, T], values [B, K, T, Dh]) are written once by
+    prefill (no shared zero broadcast copied into each) and updated in place by every
+    decode step: no copy of a buffer, no slot-major [B, T, K, Dh] transpose, no stacked
+    [L, ...] cache."""
     cfg, graphdef, params = policy
     ids, mask = prompts
     batch = prepare(ids, mask, SAMPLED, vocab_size=cfg.vocab_size)
@@ -149,12 +150,16 @@ def test_prefill_and_the_decode_loop_neither_copy_nor_transpose_the_cache(policy
     static = dict(config=batch.config, mesh=None, data_axis="data")
     cache, state = prefill(graphdef, params, *args, **static)
     b, t, k, dh = 6, batch.config.max_new_tokens, cfg.num_kv_heads, cfg.head_dim
-    assert cache.k[0].shape == (b, k, t, dh)
-    layer, slot_major = f"f32[{b},{k},{t},{dh}]", f"f32[{b},{t},{k},{dh}]"
-    stacked = f"f32[{cfg.num_layers},{b},{k},{t},{dh}]"
+    assert cache.k[0].shape == (b, k, dh, t) and cache.v[0].shape == (b, k, t, dh)
+    layers = (f"f32[{b},{k},{dh},{t}]", f"f32[{b},{k},{t},{dh}]")
+    others = (f"f32[{b},{t},{k},{dh}]",
+              *(f"f32[{cfg.num_layers},{x[4:]}" for x in layers))
     hlo_prefill = prefill.lower(graphdef, params, *args, **static).compile().as_text()
     hlo_decode = decode.lower(graphdef, params, cache, state, *args[:2], args[2], *args[3:],
                               jnp.int32(8), **static).compile().as_text()
     for hlo in (hlo_prefill, hlo_decode):
-        assert not [op for op in _instructions(hlo, layer) if "copy" in op or "transpose" in op]
-        assert not _instructions(hlo, slot_major) and not _instructions(hlo, stacked)
+        for layer in layers:
+            ops = _instructions(hlo, layer)
+            assert not [op for op in ops if "copy" in op or "transpose" in op], ops
+        for other in others:
+            assert not _instructions(hlo, other), other

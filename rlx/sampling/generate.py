@@ -39,7 +39,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from rlx.models import api
 from rlx.models.cache import KVCache, init_cache, repeat_rows, share_prefix
-from rlx.sampling import controls
+from rlx.sampling import controls, recycle
 from rlx.sampling.buckets import bucket_length, left_pad
 from rlx.sampling.config import SamplerConfig
 from rlx.sampling.rollout import Rollout
@@ -272,12 +272,29 @@ def _positions(mask):
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "mesh", "data_axis"))
+def row_buffer_avals(model_config, config: SamplerConfig, rows: int, prompt_len: int
+                     ) -> list[tuple[tuple[int, ...], Any]]:
+    """(shape, dtype) of the per-row cache buffers ``prefill`` builds, L keys then L
+    values (``rlx.models.cache`` layout): T = ``config.max_new_tokens`` slots, or
+    Sp + T for the layouts that copy the prompt into every row."""
+    slots = config.max_new_tokens + (0 if config.prefix_cache == "shared" else prompt_len)
+    kh, dh, n = model_config.num_kv_heads, model_config.head_dim, model_config.num_layers
+    dtype = jnp.dtype(model_config.dtype)
+    return [((rows, kh, dh, slots), dtype)] * n + [((rows, kh, slots, dh), dtype)] * n
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "mesh", "data_axis"),
+                   donate_argnames=("recycled",), keep_unused=True)
 def prefill(graphdef, params, prompts, prompt_mask, key, prompt_index, forced,
-            forced_lengths, *, config: SamplerConfig, mesh: Mesh | None = None,
-            data_axis="data") -> tuple[KVCache, DecodeState]:
+            forced_lengths, recycled=None, *, config: SamplerConfig,
+            mesh: Mesh | None = None, data_axis="data") -> tuple[KVCache, DecodeState]:
     """Runs the prompts [P, Sp] once, builds the group cache for B = P·G rows with
-    T = ``config.max_new_tokens`` continuation slots, and chooses token 0 of each row."""
+    T = ``config.max_new_tokens`` continuation slots, and chooses token 0 of each row.
+
+    ``recycled``: optional buffers (``row_buffer_avals``) donated for their memory only:
+    the new cache's per-row buffers are written into them (``rlx.sampling.recycle``).
+    """
+    del recycled            # only the donated memory is used (aliased to the outputs)
     model = api.merge(graphdef, params)
     cfg = model.cfg
     g, t = config.num_generations, config.max_new_tokens
@@ -415,7 +432,9 @@ def generate(graphdef, params, prompts, prompt_mask, *, key: jax.Array,
 
     ``generate`` is a host-level entry point (it validates and buckets concrete arrays,
     then dispatches two jitted calls without a host sync in between). Code that is
-    itself jitted calls ``prefill`` and ``decode`` on a ``PreparedBatch``.
+    itself jitted calls ``prefill`` and ``decode`` on a ``PreparedBatch``. On the CPU
+    backend the decode's per-row KV buffers are kept for the next call of the same
+    shapes (``rlx.sampling.recycle``).
     """
     if mesh is not None:
         mesh = _auto(mesh)
@@ -425,11 +444,23 @@ def generate(graphdef, params, prompts, prompt_mask, *, key: jax.Array,
                     prompt_index=prompt_index, data_shards=_data_size(mesh, data_axis))
     x = device_inputs(batch, mesh, data_axis)
     static = dict(config=batch.config, mesh=mesh, data_axis=data_axis)
+    recycled, pool_key = None, None
+    if recycle.enabled(mesh):
+        pool_key = (batch.config, mesh, data_axis, batch.prompts.shape)
+        recycled = recycle.take(graphdef, pool_key)
+        if recycled is None:
+            cfg = api.merge(graphdef, params).cfg
+            recycled = recycle.fresh(row_buffer_avals(
+                cfg, batch.config, batch.prompts.shape[0] * config.num_generations,
+                batch.prompts.shape[1]), mesh, data_axis)
     cache, state = prefill(graphdef, params, x["prompts"], x["prompt_mask"], key,
-                           x["prompt_index"], x["forced"], x["forced_lengths"], **static)
-    rollout, _ = decode(graphdef, params, cache, state, x["prompts"], x["prompt_mask"], key,
-                        x["prompt_index"], x["forced"], x["forced_lengths"],
-                        jnp.int32(batch.max_new_tokens), **static)
+                           x["prompt_index"], x["forced"], x["forced_lengths"], recycled,
+                           **static)
+    rollout, cache = decode(graphdef, params, cache, state, x["prompts"], x["prompt_mask"],
+                            key, x["prompt_index"], x["forced"], x["forced_lengths"],
+                            np.int32(batch.max_new_tokens), **static)
+    if pool_key is not None:
+        recycle.give(graphdef, pool_key, tuple(cache.k) + tuple(cache.v), mesh, data_axis)
     rows = batch.num_prompts * config.num_generations
     if rows == rollout.lengths.shape[0]:
         return rollout

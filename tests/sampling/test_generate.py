@@ -163,3 +163,29 @@ def test_prefill_and_the_decode_loop_neither_copy_nor_transpose_the_cache(policy
             assert not [op for op in ops if "copy" in op or "transpose" in op], ops
         for other in others:
             assert not _instructions(hlo, other), other
+
+
+def test_generate_reuses_the_previous_calls_cache_memory_on_cpu(policy, prompts):
+    """The decode's per-row buffers are held and donated to the next prefill of the
+    same shapes: same rollout as from fresh buffers, prefill compiled once."""
+    from rlx.sampling import recycle
+    cfg, graphdef, params = policy
+    ids, mask = prompts
+    key = jax.random.key(7)
+    recycle.clear()
+    first = generate(graphdef, params, ids, mask, key=key, config=SAMPLED)
+    (entry,) = recycle._held.values()
+    held = entry[1]
+    assert len(held) == 2 * cfg.num_layers and not any(x.is_deleted() for x in held)
+    compiled = prefill._cache_size()
+    second = generate(graphdef, params, ids, mask, key=key, config=SAMPLED)
+    assert all(x.is_deleted() for x in held)          # donated to the second prefill
+    assert prefill._cache_size() == compiled
+    recycle.clear()
+    third = generate(graphdef, params, ids, mask, key=key, config=SAMPLED)
+    for out in (second, third):
+        np.testing.assert_array_equal(out.completion_ids, first.completion_ids)
+        np.testing.assert_array_equal(out.sampling_logprobs, first.sampling_logprobs)
+        np.testing.assert_array_equal(out.policy_logprobs, first.policy_logprobs)
+    recycle.clear()
+    assert not recycle._held

@@ -31,7 +31,8 @@ continues from the last save): the SFT warm-up (``<run_dir>/sft_progress``, its 
 in ``<run_dir>/sft``), the reward model (``<run_dir>/reward_model``), DPO
 (``<run_dir>/dpo``) and the RL phase with its critic (``<run_dir>/checkpoints``); how
 often: ``rlx.train.PhaseCheckpoints`` and ``rlx.train.RLConfig``. A finished phase is
-restored, not retrained.
+restored, not retrained. A phase saved with other settings is refused before any work
+(or handled as ``rlx.train.RLConfig.on_mismatch`` says, for every phase).
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ def _run_rlhf(exp: RLHFExperiment) -> dict:
             rm_graphdef, rm_params, train_pairs, heldout_pairs, steps=exp.rm_steps,
             batch_size=min(exp.rm_batch, train_pairs.chosen.tokens.shape[0]),
             lr=exp.rm_lr, margin=exp.rm_margin, seed=base.seed, mesh=p.mesh,
-            logger=p.logger, checkpoint_dir=os.path.join(base.run_dir, "reward_model"))
+            logger=p.logger, checkpoint_dir=os.path.join(base.run_dir, "reward_model"),
+            on_mismatch=base.rl.on_mismatch)
         rc, rr = pref.reward_scores(rm_graphdef, rm_params, train_pairs)
         both = np.concatenate([rc, rr])
         rm_report = {**{k: v for k, v in rm_report.items() if k != "history"},
@@ -229,7 +231,7 @@ def _run_dpo(exp: DPOExperiment) -> dict:
             batch_size=min(exp.dpo_batch, train_pairs.chosen.tokens.shape[0]),
             lr=exp.dpo_lr, loss=exp.loss, beta=exp.beta, seed=base.seed, mesh=p.mesh,
             logger=p.logger, log_offset=0, checkpoint_dir=os.path.join(base.run_dir, "dpo"),
-            **exp.loss_kwargs)
+            on_mismatch=base.rl.on_mismatch, **exp.loss_kwargs)
         report = {k: v for k, v in report.items() if k != "history"}
         after = p.evaluate(params)
         summary = {"experiment": "dpo", "objective": exp.loss,

@@ -64,7 +64,8 @@ def sft_batches(tok, task, problems, batch: int, seed: int, *,
 def run_sft(graphdef, params, tok, task, problems, *, steps: int, batch: int, lr: float,
             seed: int, mesh, logger: RunLogger | None = None,
             checkpoint_dir: str | None = None,
-            checkpoints: ckpt_lib.PhaseCheckpoints | None = None):
+            checkpoints: ckpt_lib.PhaseCheckpoints | None = None,
+            on_mismatch: str = "error"):
     """``steps`` SFT steps from ``params``; returns the new params. Logs ``sft_loss``
     every 25 steps at steps −(steps − i − 1), so the phase ends at step 0. With
     ``checkpoint_dir``, resumes from and saves to it (module docstring)."""
@@ -77,7 +78,8 @@ def run_sft(graphdef, params, tok, task, problems, *, steps: int, batch: int, lr
                 "problems": ckpt_lib.data_fingerprint(
                     (q.prompt, q.answer) for q in problems)}
     with ckpt_lib.PhaseLoop(checkpoint_dir, phase="the SFT warm-up", steps=steps,
-                            identity=identity, config=checkpoints) as loop:
+                            identity=identity, config=checkpoints,
+                            on_mismatch=on_mismatch) as loop:
         start, state, data_state, _ = loop.restore(state, shardings)
         if data_state and "rng" in data_state:
             version, internal, gauss = data_state["rng"]

@@ -797,7 +797,9 @@ class PhaseLoop:
     after the last step; ``data_state`` is the JSON state of whatever draws the
     batches (an RNG), ``extra`` any JSON the loop needs back (logged history). A
     checkpoint of another state structure or ``identity`` raises
-    ``CheckpointMismatch`` before any step (nothing is touched).
+    ``CheckpointMismatch`` before any step (nothing is touched), or is handled as
+    ``on_mismatch`` says (``Checkpointer``: "fresh" continues in a sibling directory,
+    "partial" warm-starts from the matching leaves).
 
     SIGINT / SIGTERM (``rlx.train.signals``): the unfinished step is dropped, the save in
     flight finished, one line printed and ``signals.Interrupted`` raised. With
@@ -805,8 +807,10 @@ class PhaseLoop:
     """
 
     def __init__(self, directory: str | None, *, phase: str, steps: int,
-                 identity: dict | None = None, config: PhaseCheckpoints | None = None):
+                 identity: dict | None = None, config: PhaseCheckpoints | None = None,
+                 on_mismatch: str = "error"):
         self.phase, self.steps = phase, steps
+        self.on_mismatch = _check_mode(on_mismatch)
         self.config = config if config is not None else PhaseCheckpoints()
         self.directory = directory
         self.identity = identity
@@ -824,7 +828,7 @@ class PhaseLoop:
                 self.checkpointer = Checkpointer(
                     self.directory, every_steps=self.config.every_steps,
                     every_minutes=self.config.every_minutes, keep=self.config.keep,
-                    identity=self.identity)
+                    identity=self.identity, on_mismatch=self.on_mismatch)
         except BaseException as err:
             self._guard_cm.__exit__(type(err), err, err.__traceback__)
             raise
@@ -835,7 +839,9 @@ class PhaseLoop:
         if self.checkpointer is None:
             return 0, state, None, {}
         with self.guard.deferred():
-            found = self.checkpointer.restore_latest(abstract_like(state, shardings))
+            found = self.checkpointer.restore_latest(
+                abstract_like(state, shardings),
+                init_state=state if self.on_mismatch == "partial" else None)
         if found is None:
             return 0, state, None, {}
         step, restored, data_state, extra = found

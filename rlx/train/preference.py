@@ -23,7 +23,9 @@ the minibatch RNG and the logged history as ``rlx.train.PhaseCheckpoints`` says 
 after the last step); a killed loop rerun with the same arguments continues from its
 last save and ends bitwise where an uninterrupted one ends (CPU). The checkpoints'
 identity (steps, batch size, lr, seed, loss settings, the pairs and the starting
-parameters) must match, else ``CheckpointMismatch`` is raised before any step.
+parameters) must match, else ``CheckpointMismatch`` is raised before any step (or, with
+``on_mismatch="fresh"`` / ``"partial"``, a sibling directory is used / the matching
+leaves warm-start the phase).
 """
 
 from __future__ import annotations
@@ -191,7 +193,7 @@ def _train(step_factory, params, batch: PairBatch, *, steps: int, batch_size: in
            lr: float, seed: int, mesh, log_every: int, logger,
            log_offset: int | None, phase: str, identity: dict,
            checkpoint_dir: str | None = None,
-           checkpoints: ckpt_lib.PhaseCheckpoints | None = None):
+           checkpoints: ckpt_lib.PhaseCheckpoints | None = None, on_mismatch: str = "error"):
     """Shared loop: random minibatches of ``batch_size`` pairs, ``steps`` jitted steps.
     Logged at step ``i + 1 + log_offset`` (None: ``-steps``, i.e. ending at 0 like the
     SFT warm-up, for a phase that precedes RL). Resumable (module docstring)."""
@@ -209,7 +211,7 @@ def _train(step_factory, params, batch: PairBatch, *, steps: int, batch_size: in
     rng = np.random.default_rng(seed)
     step_fn = None
     with ckpt_lib.PhaseLoop(checkpoint_dir, phase=phase, steps=steps, identity=ident,
-                            config=checkpoints) as loop:
+                            config=checkpoints, on_mismatch=on_mismatch) as loop:
         start, state, data_state, extra = loop.restore(state, shardings)
         if data_state and "rng" in data_state:
             rng.bit_generator.state = data_state["rng"]
@@ -234,8 +236,8 @@ def train_reward_model(graphdef, params, train: PairBatch, heldout: PairBatch, *
                        margin: float | None = None, seed: int = 0, mesh=None,
                        log_every: int = 25, logger=None, log_offset: int | None = None,
                        checkpoint_dir: str | None = None,
-                       checkpoints: ckpt_lib.PhaseCheckpoints | None = None
-                       ) -> tuple[Any, dict]:
+                       checkpoints: ckpt_lib.PhaseCheckpoints | None = None,
+                       on_mismatch: str = "error") -> tuple[Any, dict]:
     """Bradley-Terry training of a reward model (``api.init(cfg, kind="reward")``).
 
     Returns (params, report) with ``rm/accuracy_before``, ``rm/accuracy`` (after),
@@ -248,7 +250,7 @@ def train_reward_model(graphdef, params, train: PairBatch, heldout: PairBatch, *
         params, train, steps=steps, batch_size=batch_size, lr=lr, seed=seed, mesh=mesh,
         log_every=log_every, logger=logger, log_offset=log_offset,
         phase="reward-model training", identity={"phase": "reward_model", "margin": margin},
-        checkpoint_dir=checkpoint_dir, checkpoints=checkpoints)
+        checkpoint_dir=checkpoint_dir, checkpoints=checkpoints, on_mismatch=on_mismatch)
     after = reward_model_accuracy(graphdef, params, heldout)
     return params, {"rm/accuracy_before": before["rm/accuracy"], **after,
                     "history": history}
@@ -259,7 +261,8 @@ def train_dpo(graphdef, params, ref_params, train: PairBatch, heldout: PairBatch
               beta: float = 0.1, seed: int = 0, mesh=None, log_every: int = 25,
               logger=None, log_offset: int | None = None,
               checkpoint_dir: str | None = None,
-              checkpoints: ckpt_lib.PhaseCheckpoints | None = None, **loss_kwargs
+              checkpoints: ckpt_lib.PhaseCheckpoints | None = None,
+              on_mismatch: str = "error", **loss_kwargs
               ) -> tuple[Any, dict]:
     """DPO-family training of the policy against the frozen ``ref_params``.
 
@@ -282,7 +285,7 @@ def train_dpo(graphdef, params, ref_params, train: PairBatch, heldout: PairBatch
         identity={"phase": "preference", "loss": loss, "beta": beta,
                   "loss_kwargs": dict(sorted(loss_kwargs.items())),
                   "reference": ckpt_lib.tree_identity(ref_params)},
-        checkpoint_dir=checkpoint_dir, checkpoints=checkpoints)
+        checkpoint_dir=checkpoint_dir, checkpoints=checkpoints, on_mismatch=on_mismatch)
     after = preference_accuracy(graphdef, params, heldout)
     return params, {**{f"{k}_before": v for k, v in before.items()}, **after,
                     "history": history}

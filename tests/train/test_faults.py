@@ -160,3 +160,20 @@ def test_nested_guards_report_once_and_the_outer_one_covers_the_gaps(capsys):
             run(where)
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"rlx: stopped by SIGTERM during {phase}")
+
+
+def test_phase_loop_fresh_mode_starts_beside_a_save_of_other_settings(tmp_path):
+    directory = str(tmp_path / "phase")
+    with ck.PhaseLoop(directory, phase="p", steps=2, identity={"lr": 0.1}) as loop:
+        loop.restore(_state(0))
+        loop.done(2, _state(2))
+    before = sorted(os.listdir(directory))
+    for _ in range(2):                  # the second rerun resumes the fresh directory
+        with ck.PhaseLoop(directory, phase="p", steps=2, identity={"lr": 0.2},
+                          on_mismatch="fresh") as loop:
+            start, state, _, _ = loop.restore(_state(0))
+            if start < 2:
+                loop.done(2, _state(5))
+    assert start == 2 and int(state["n"]) == 5
+    assert sorted(os.listdir(directory)) == before
+    assert sorted(os.listdir(directory + ".fresh-1")) == ["2"]

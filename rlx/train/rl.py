@@ -275,7 +275,8 @@ class RLTrainer:
             t2 = time.perf_counter()
             scored = self._score(texts, [q for q in problems for _ in range(g)])
             if self.iteration_index == 0 and scored["all_failed"]:
-                raise RuntimeError(scored["all_failed"])   # a reward broken on every call
+                # a reward broken on every call: stop with its error (one CLI line)
+                raise ValueError(f"stopping before the first update: {scored['all_failed']}")
             bad = {k: scored["counts"].get(k, 0) for k in ("failures", "timeouts", "crashes")}
             if any(bad.values()):
                 log.warning("iteration %d: reward calls failed %s; e.g. %s",

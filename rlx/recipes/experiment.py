@@ -20,7 +20,7 @@ import gin
 
 from rlx.recipes import prepare
 from rlx.sampling.config import SamplerConfig
-from rlx.train import rl
+from rlx.train import rl, signals
 
 
 @gin.configurable(module="rlx")
@@ -161,7 +161,15 @@ def run(exp: Experiment) -> dict:
     """Runs the whole experiment; returns the summary (also written to summary.json).
 
     Settings, objective and task are checked before anything is written or compiled.
+    A SIGINT / SIGTERM anywhere in it (start-up, the SFT warm-up, the evaluations, the
+    RL phase, the export) stops the run with one line and keeps every finished save
+    (``signals.whole_run``).
     """
+    with signals.whole_run("the experiment", resume_from=prepare.resume_from_phase):
+        return _run(exp)
+
+
+def _run(exp: Experiment) -> dict:
     t_start = time.time()
     exp = exp.resolved()
     planned = prepare.plan(exp)

@@ -70,6 +70,12 @@ SAMPLER_OWNERS = {
 }
 
 
+def resume_from_phase() -> str:
+    """What a rerun of a stopped multi-phase run resumes from (``signals.whole_run``)."""
+    return "the newest checkpoint of the phase it was in (finished phases are kept)"
+
+
+
 # ---------------------------------------------------------------------- settings
 def ownership_rules(exp, *, task_factory=None, resolved: ResolvedObjective | None = None
                     ) -> list[bindings.Owned]:

@@ -148,13 +148,8 @@ def _guarded(name: str, body, exp):
     whole run: inside a phase the phase reports and keeps its saves; between phases
     (evaluation, pair synthesis) the run stops with one line too."""
     validate.check(exp)
-    with signals.guard(name):
-        try:
-            return body(exp)
-        except signals.Interrupted as err:
-            signals.stop(err, phase=name, resume_from=lambda: (
-                "the newest checkpoint of the phase it was in (finished phases are kept)"))
-            raise
+    with signals.whole_run(name, resume_from=prepare.resume_from_phase):
+        return body(exp)
 
 
 def run_rlhf(exp: RLHFExperiment) -> dict:

@@ -121,6 +121,23 @@ def guard(phase: str, *, stream=None) -> Iterator[Guard]:
             signal.signal(s, handler)
 
 
+@contextlib.contextmanager
+def whole_run(name: str, *, resume_from: Callable[[], str] | None = None,
+              stream=None) -> Iterator[Guard]:
+    """Guards a recipe's whole run (start-up, phases and the work between them).
+
+    Inside a phase loop the loop's own ``stop`` reports (steps done, its checkpoint);
+    a signal anywhere else (tokenizer training, evaluation, pair synthesis, export)
+    stops the run with one line naming ``name`` and ``resume_from()``, and the
+    ``Interrupted`` propagates (exit code 128 + signal, ``finally`` blocks run)."""
+    with guard(name, stream=stream) as g:
+        try:
+            yield g
+        except Interrupted as err:
+            stop(err, phase=name, resume_from=resume_from, stream=stream)
+            raise
+
+
 def stop(err: Interrupted, *, phase: str, step: int | None = None, total: int | None = None,
          wait: Callable[[], None] | None = None, resume_from: Callable[[], str] | None = None,
          stream=None) -> None:

@@ -15,25 +15,17 @@ flight) and sleeps until the process is killed.
 """
 
 import functools
-import os
 import sys
 import time
 
 run_dir, out_path = sys.argv[1], sys.argv[2]
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ.pop("XLA_FLAGS", None)
 
-import jax  # noqa: E402
+import harness  # noqa: E402
 
-jax.config.update("jax_default_matmul_precision", "highest")
-if os.environ.get("RLX_TEST_CACHE"):
-    jax.config.update("jax_compilation_cache_dir", os.environ["RLX_TEST_CACHE"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+jax = harness.setup_jax()
 
 import numpy as np  # noqa: E402
 
-from rlx.data.tokenizer import Tokenizer  # noqa: E402
 from rlx.models import api, config  # noqa: E402
 from rlx.objectives import compose, group_advantages, grpo_advantages, offpolicy  # noqa: E402
 from rlx.objectives import seq_mean_token_mean, surrogates  # noqa: E402
@@ -48,45 +40,18 @@ from rlx.train.logger import RunLogger  # noqa: E402
 from rlx.train.rl import RLConfig  # noqa: E402
 
 
-class CharTokenizer(Tokenizer):
-    """One id per character of a fixed alphabet; 0 = pad, 1 = bos, 2 = eos."""
-
-    ALPHABET = "0123456789+-*/= "
-
-    @property
-    def vocab_size(self) -> int:
-        return 3 + len(self.ALPHABET)
-
-    @property
-    def bos_id(self) -> int:
-        return 1
-
-    @property
-    def eos_id(self) -> int:
-        return 2
-
-    @property
-    def pad_id(self) -> int:
-        return 0
-
-    def _encode(self, text: str) -> list[int]:
-        return [3 + self.ALPHABET.index(c) for c in text]
-
-    def decode(self, ids, *, skip_special: bool = True) -> str:
-        return "".join(self.ALPHABET[i - 3] if i >= 3 else ("" if skip_special else f"<{i}>")
-                       for i in map(int, ids))
+def _in_flight(trainer) -> str:
+    """Wait (up to 60 s) until later batches are queued or being generated; name them."""
+    pipe = trainer._pipeline
+    deadline = time.monotonic() + 60
+    while not (pipe.ready or pipe.inflight) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return f"; rollouts in flight: ready {sorted(pipe.ready)}, running {sorted(pipe.inflight)}"
 
 
-def _hang(reason: str) -> None:
-    with open(os.environ["RLX_TEST_MARKER"], "w") as f:
-        f.write(reason)
-    while True:
-        time.sleep(60)
+harness.install_pause(AsyncRLTrainer, describe=_in_flight, allowed=("step",))
 
-
-pause_kind, _, pause_at = os.environ.get("RLX_TEST_PAUSE", "").partition(":")
-
-tok = CharTokenizer()
+tok = harness.CharTokenizer()
 task = get_task("arithmetic", digits=1)
 problems = task.train(64, seed=0)
 graphdef, params = api.init(config.model_config("tiny", vocab_size=tok.vocab_size), seed=0)
@@ -107,24 +72,6 @@ trainer = AsyncRLTrainer(
     config=rl_config, run_dir=run_dir,
     logger=RunLogger(run_dir, total_steps=rl_config.steps, tensorboard=False, console=False),
     async_config=AsyncConfig(max_staleness=2, partial_rollouts=True, chunk_tokens=2))
-
-if pause_kind == "step":
-    _update_step = trainer.update_step
-
-    def _paused_update_step(batch):
-        metrics = _update_step(batch)
-        if trainer.iteration_index + 1 == int(pause_at):
-            jax.block_until_ready(trainer.state)
-            trainer.checkpointer.wait()      # so the newest checkpoint is exactly K - 1
-            pipe = trainer._pipeline
-            deadline = time.monotonic() + 60
-            while not (pipe.ready or pipe.inflight) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            _hang(f"iteration {pause_at} updated, not saved; rollouts in flight: "
-                  f"ready {sorted(pipe.ready)}, running {sorted(pipe.inflight)}")
-        return metrics
-
-    trainer.update_step = _paused_update_step
 
 trainer.run()
 final = jax.device_get(trainer.state)

@@ -1,4 +1,4 @@
-"""Helpers of the fault scripts: a character tokenizer and rewards that misbehave.
+"""Helpers of the fault scripts: rewards that misbehave (and the shared tokenizer).
 
 Rewards are referenced by import path (``"fault_rewards.slow_on_process_1"``) with this
 directory on ``sys.path``.
@@ -7,36 +7,7 @@ directory on ``sys.path``.
 import os
 import time
 
-from rlx.data.tokenizer import Tokenizer
-
-
-class CharTokenizer(Tokenizer):
-    """One id per character of a fixed alphabet; 0 = pad, 1 = bos, 2 = eos."""
-
-    ALPHABET = "0123456789+-*/= "
-
-    @property
-    def vocab_size(self) -> int:
-        return 3 + len(self.ALPHABET)
-
-    @property
-    def bos_id(self) -> int:
-        return 1
-
-    @property
-    def eos_id(self) -> int:
-        return 2
-
-    @property
-    def pad_id(self) -> int:
-        return 0
-
-    def _encode(self, text: str) -> list[int]:
-        return [3 + self.ALPHABET.index(c) for c in text]
-
-    def decode(self, ids, *, skip_special: bool = True) -> str:
-        return "".join(self.ALPHABET[i - 3] if i >= 3 else ("" if skip_special else f"<{i}>")
-                       for i in map(int, ids))
+from harness import CharTokenizer  # noqa: F401  (re-exported for the fault scripts)
 
 
 def slow_on_process_1(completion: str, problem) -> float:

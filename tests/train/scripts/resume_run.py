@@ -15,26 +15,16 @@ sleeping until the process is killed:
                           files are in orbax's temporary directory, not yet renamed.
 """
 
-import os
 import sys
-import time
 
 run_dir, out_path = sys.argv[1], sys.argv[2]
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ.pop("XLA_FLAGS", None)
 
-import jax  # noqa: E402
+import harness  # noqa: E402
 
-jax.config.update("jax_default_matmul_precision", "highest")
-if os.environ.get("RLX_TEST_CACHE"):
-    jax.config.update("jax_compilation_cache_dir", os.environ["RLX_TEST_CACHE"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+jax = harness.setup_jax()
 
 import numpy as np  # noqa: E402
-from orbax.checkpoint._src.path import atomicity  # noqa: E402
 
-from rlx.data.tokenizer import Tokenizer  # noqa: E402
 from rlx.models import api, config  # noqa: E402
 from rlx.objectives import presets  # noqa: E402
 from rlx.rewards.pool import RewardPool  # noqa: E402
@@ -46,56 +36,9 @@ from rlx.train.data import ProblemStream  # noqa: E402
 from rlx.train.logger import RunLogger  # noqa: E402
 from rlx.train.rl import RLConfig, RLTrainer  # noqa: E402
 
+harness.install_pause(RLTrainer, allowed=("step", "save"))
 
-class CharTokenizer(Tokenizer):
-    """One id per character of a fixed alphabet; 0 = pad, 1 = bos, 2 = eos."""
-
-    ALPHABET = "0123456789+-*/= "
-
-    @property
-    def vocab_size(self) -> int:
-        return 3 + len(self.ALPHABET)
-
-    @property
-    def bos_id(self) -> int:
-        return 1
-
-    @property
-    def eos_id(self) -> int:
-        return 2
-
-    @property
-    def pad_id(self) -> int:
-        return 0
-
-    def _encode(self, text: str) -> list[int]:
-        return [3 + self.ALPHABET.index(c) for c in text]
-
-    def decode(self, ids, *, skip_special: bool = True) -> str:
-        return "".join(self.ALPHABET[i - 3] if i >= 3 else ("" if skip_special else f"<{i}>")
-                       for i in map(int, ids))
-
-
-def _hang(reason: str) -> None:
-    with open(os.environ["RLX_TEST_MARKER"], "w") as f:
-        f.write(reason)
-    while True:
-        time.sleep(60)
-
-
-pause_kind, _, pause_at = os.environ.get("RLX_TEST_PAUSE", "").partition(":")
-
-if pause_kind == "save":
-    _finalize = atomicity.AtomicRenameTemporaryPath.finalize
-
-    async def _paused_finalize(self, *args, **kwargs):
-        if self.get_final().name == pause_at:
-            _hang(f"saving {self.get()}")
-        return await _finalize(self, *args, **kwargs)
-
-    atomicity.AtomicRenameTemporaryPath.finalize = _paused_finalize
-
-tok = CharTokenizer()
+tok = harness.CharTokenizer()
 task = get_task("arithmetic", digits=1)
 problems = task.train(64, seed=0)
 graphdef, params = api.init(config.model_config("tiny", vocab_size=tok.vocab_size), seed=0)
@@ -111,19 +54,6 @@ trainer = RLTrainer(
     reward_pool=RewardPool(task.reward_spec(format_weight=1.0), backend="inline"), sampler=sampler,
     config=rl_config, run_dir=run_dir,
     logger=RunLogger(run_dir, total_steps=rl_config.steps, tensorboard=False, console=False))
-
-if pause_kind == "step":
-    _update_step = trainer.update_step
-
-    def _paused_update_step(batch):
-        metrics = _update_step(batch)
-        if trainer.iteration_index + 1 == int(pause_at):
-            jax.block_until_ready(trainer.state)
-            trainer.checkpointer.wait()      # so the newest checkpoint is exactly K - 1
-            _hang(f"iteration {pause_at} updated, not saved")
-        return metrics
-
-    trainer.update_step = _paused_update_step
 
 trainer.run()
 final = jax.device_get(trainer.state)

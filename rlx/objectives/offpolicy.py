@@ -197,6 +197,100 @@ def decoupled_is_weights(old_logp: Array, behaviour_logp: Array, sampler_logp: A
                    "offpolicy/staleness_truncated": s_frac}
 
 
+# ------------------------------------------------- approximate route: PPO-EWMA
+def ewma_init(params) -> dict:
+    """The EWMA state of the proximal policy at version 0: {"params": a copy of
+    ``params`` (its own buffers, never aliasing the trained ones), "weight": n_0 = 1,
+    "age": a_0 = 0} (scalars f32)."""
+    return {"params": jax.tree.map(jnp.copy, params),
+            "weight": jnp.ones((), jnp.float32), "age": jnp.zeros((), jnp.float32)}
+
+
+def ewma_update(state: dict, params, *, decay: float) -> dict:
+    """One version more in the bias-corrected EWMA of PPO-EWMA (Hilton et al. 2021).
+
+    With β = ``decay`` (0 ≤ β < 1) and θ_0 … θ_v the parameter versions so far, the
+    proximal parameters are θ̄_v = Σ_i β^{v−i} θ_i / Σ_i β^{v−i}, kept by
+
+        n' = β·n + 1,   λ = 1/n',   θ̄' = (1 − λ)·θ̄ + λ·θ,   a' = β·n·(a + 1)/n'
+
+    (n: total weight; a: the EWMA's mean age in versions, Σ_i (v−i) β^{v−i} / n,
+    → β/(1 − β)). β = 0 gives θ̄' = θ bitwise (the proximal policy is the current one).
+    ``state`` as :func:`ewma_init`; pure (jit-able), nothing carries a gradient.
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"ewma_update: decay={decay!r} must satisfy 0 <= decay < 1")
+    n = state["weight"]
+    n_new = decay * n + 1.0
+    lam = 1.0 / n_new
+    mix = lambda avg, p: sg((1.0 - lam).astype(avg.dtype) * avg  # noqa: E731
+                            + lam.astype(avg.dtype) * p.astype(avg.dtype))
+    return {"params": jax.tree.map(mix, state["params"], params), "weight": n_new,
+            "age": decay * n * (state["age"] + 1.0) / n_new}
+
+
+def ewma_decoupled_weights(proximal_logp: Array, sampler_logp: Array, mask: Array, *,
+                           level: str = "token", band: tuple[float, float] = (0.5, 2.0),
+                           reweight: bool = True, cap: float | None = None,
+                           clamp: float = DEFAULT_LOG_RATIO_CLAMP, axis_name=None):
+    """Behaviour weights of the revised PPO-EWMA (arXiv 2605.12070, approximate route).
+
+    ρ = π_prox/π_infer = exp(proximal_logp − sampler_logp) at ``level`` (π_prox: the
+    trainer's forward with the EWMA parameters, :func:`ewma_update`; π_infer: the
+    inference engine's log-probs at the tokens' behaviour versions). Tokens (rows at
+    level "sequence" / "geometric") whose ρ leaves ``band`` = [low, high] get 0; the
+    others keep w = ρ (``reweight=True``) or 1, truncated at ``cap`` (None: no cap).
+    Returns (w [B, T], 0 on masked tokens, no gradient; fraction of valid tokens whose
+    weight was masked or truncated, global over ``axis_name``), so it is
+    ``compose(is_correction=...)`` compatible (old_logp = proximal_logp).
+    """
+    _check_shapes(proximal_logp=proximal_logp, sampler_logp=sampler_logp, mask=mask)
+    low, high = band
+    _check_band(low, high, "ewma_decoupled_weights(band)")
+    if cap is not None and not cap > 0:
+        raise ValueError(f"ewma_decoupled_weights: cap={cap!r} must be > 0 or None")
+    m = (mask > 0).astype(proximal_logp.dtype)
+    w, masked_frac = band_weights(proximal_logp - sampler_logp, m, level=level,
+                                  mode="mask" if reweight else "reject", low=low, high=high,
+                                  clamp=clamp, axis_name=axis_name)
+    if cap is None:
+        return w, masked_frac
+    capped = (w > cap).astype(m.dtype) * m
+    frac = masked_frac + safe_div(psum(capped.sum(), axis_name), psum(m.sum(), axis_name))
+    return jnp.minimum(w, cap) * m, frac
+
+
+def ewma_decoupled_loss(logp: Array, proximal_logp: Array, sampler_logp: Array,
+                        advantages: Array, mask: Array, *, eps_low: float = 0.2,
+                        eps_high: float | None = None, level: str = "token",
+                        band: tuple[float, float] = (0.5, 2.0), reweight: bool = True,
+                        cap: float | None = None, clamp: float = DEFAULT_LOG_RATIO_CLAMP,
+                        axis_name=None):
+    """Per-token loss [B, T] of the revised PPO-EWMA decoupled objective::
+
+        ℓ_t = − w_t · min(r_t·A_t, clip(r_t, 1 − ε_low, 1 + ε_high)·A_t)
+        r_t = π_θ/π_prox = exp(logp − proximal_logp)    (trust region: the EWMA policy)
+        w_t = :func:`ewma_decoupled_weights` (π_prox/π_infer, banded, no gradient)
+
+    (Hilton et al.'s decoupled PPO objective with the EWMA as proximal policy; the
+    behaviour factor is the inference engine's, since the old logits are missing).
+    ``eps_high`` None: ε_low. 0 on masked tokens. Returns (ℓ, the weights' fraction).
+    In rlx the same loss is ``compose(surrogate=ppo_clip_loss, is_correction=
+    ewma_decoupled_weights)`` with ``PolicyBatch.old_logp`` = proximal_logp, which is
+    what ``AsyncConfig(old_logits="ewma")`` hands the objective.
+    """
+    _check_shapes(logp=logp, proximal_logp=proximal_logp, sampler_logp=sampler_logp,
+                  advantages=advantages, mask=mask)
+    eps_high = eps_low if eps_high is None else eps_high
+    w, frac = ewma_decoupled_weights(proximal_logp, sampler_logp, mask, level=level,
+                                     band=band, reweight=reweight, cap=cap, clamp=clamp,
+                                     axis_name=axis_name)
+    m = (mask > 0).astype(logp.dtype)
+    r = jnp.exp(jnp.clip(logp - sg(proximal_logp), -clamp, clamp))
+    surr = jnp.minimum(r * advantages, jnp.clip(r, 1.0 - eps_low, 1.0 + eps_high) * advantages)
+    return -sg(w) * surr * m, frac
+
+
 # ------------------------------------------------------------------ diagnostics
 def _pmax(x: Array, axis_name) -> Array:
     return x if axis_name is None else jax.lax.pmax(x, axis_name)

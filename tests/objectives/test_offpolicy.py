@@ -192,6 +192,118 @@ def test_missing_old_logits_entangle_the_band_with_staleness():
     assert float(entangled) > 4 * decoupled                          # stale tokens masked too
 
 
+# ------------------------------------------- approximate route: revised PPO-EWMA
+def np_ewma(versions, decay):
+    """θ̄_v = Σ_i β^{v−i} θ_i / Σ_i β^{v−i}, n = Σ_i β^{v−i}, age = Σ_i (v−i) β^{v−i} / n."""
+    v = len(versions) - 1
+    w = np.array([decay ** (v - i) for i in range(v + 1)], np.float64)
+    avg = sum(wi * np.float64(x) for wi, x in zip(w, versions)) / w.sum()
+    age = (w * np.arange(v, -1, -1)).sum() / w.sum()
+    return avg, w.sum(), age
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.9])
+def test_ewma_update_matches_float64_transcription(decay):
+    rng = np.random.default_rng(20)
+    versions = [{"w": rng.normal(0, 1, (3, 4)).astype(np.float32),
+                 "b": rng.normal(0, 1, (4,)).astype(np.float32)} for _ in range(6)]
+    state = O.ewma_init(jax.tree.map(jnp.asarray, versions[0]))
+    update = jax.jit(functools.partial(O.ewma_update, decay=decay))
+    for v in range(1, len(versions)):
+        state = update(state, jax.tree.map(jnp.asarray, versions[v]))
+        for name in ("w", "b"):
+            want, n, age = np_ewma([x[name] for x in versions[:v + 1]], decay)
+            np.testing.assert_allclose(np.asarray(state["params"][name]), want, rtol=1e-5,
+                                       atol=1e-6)
+        np.testing.assert_allclose(float(state["weight"]), n, rtol=1e-6)
+        np.testing.assert_allclose(float(state["age"]), age, rtol=1e-5, atol=1e-7)
+    if decay == 0.0:                     # the proximal policy is the current one, bitwise
+        for name in ("w", "b"):
+            np.testing.assert_array_equal(np.asarray(state["params"][name]), versions[-1][name])
+    assert float(state["age"]) < decay / (1 - decay) + 1e-6    # → β/(1−β) from below
+
+
+def test_ewma_init_copies_and_update_validates_the_decay():
+    params = {"w": jnp.ones((2, 2))}
+    state = O.ewma_init(params)
+    assert state["params"]["w"] is not params["w"]
+    assert float(state["weight"]) == 1.0 and float(state["age"]) == 0.0
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="decay="):
+            O.ewma_update(state, params, decay=bad)
+
+
+def np_ewma_weights(prox, samp, m, level, band, reweight, cap):
+    w, frac = np_band(prox - samp, m, level, "mask" if reweight else "reject", *band)
+    if cap is not None:
+        mm = (m > 0).astype(np.float64)
+        frac = frac + ((w > cap) * mm).sum() / max(mm.sum(), 1.0)
+        w = np.minimum(w, cap) * mm
+    return w, frac
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("reweight,cap", [(True, None), (False, None), (True, 1.3)])
+def test_ewma_decoupled_weights_match_float64_transcription(level, reweight, cap):
+    prox, samp, m = _arrays(21, scale=0.6)
+    w, frac = O.ewma_decoupled_weights(jnp.asarray(prox), jnp.asarray(samp), jnp.asarray(m),
+                                       level=level, band=(0.5, 2.0), reweight=reweight, cap=cap)
+    want, want_frac = np_ewma_weights(prox, samp, m, level, (0.5, 2.0), reweight, cap)
+    np.testing.assert_allclose(np.asarray(w), want, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(float(frac), want_frac, rtol=1e-6)
+    assert np.all(np.asarray(w)[m == 0] == 0)
+
+
+def np_ewma_loss(logp, prox, samp, adv, m, eps, band, cap):
+    w, frac = np_ewma_weights(prox, samp, m, "token", band, True, cap)
+    r = np.exp(np.float64(logp) - prox)
+    surr = np.minimum(r * adv, np.clip(r, 1 - eps[0], 1 + eps[1]) * adv)
+    return -w * surr * (m > 0), frac
+
+
+def test_ewma_decoupled_loss_matches_transcription_and_compose():
+    """The revised PPO-EWMA token loss equals its float64 transcription and, summed, the
+    composed PPO-clip objective with old_logp = π_prox and ``ewma_decoupled_weights``
+    as its ``is_correction`` (what the asynchronous trainer runs); its gradient goes
+    through logp only."""
+    rng = np.random.default_rng(22)
+    prox, samp, m = _arrays(22, scale=0.5)
+    logp = (prox + rng.normal(0, 0.3, prox.shape)).astype(np.float32)
+    adv = (rng.normal(0, 1, prox.shape) * m).astype(np.float32)
+    kw = dict(band=(0.5, 2.0), cap=1.6)
+    tok, frac = O.ewma_decoupled_loss(*map(jnp.asarray, (logp, prox, samp, adv, m)),
+                                      eps_low=0.2, eps_high=0.28, **kw)
+    want, want_frac = np_ewma_loss(logp, prox, samp, adv, m, (0.2, 0.28), kw["band"], kw["cap"])
+    np.testing.assert_allclose(np.asarray(tok), want, rtol=3e-5, atol=1e-6)
+    np.testing.assert_allclose(float(frac), want_frac, rtol=1e-6)
+    obj = compose(advantages=group_advantages(grpo_advantages),
+                  surrogate=functools.partial(surrogates.ppo_clip_loss, eps_low=0.2,
+                                              eps_high=0.28),
+                  aggregation=token_mean,
+                  is_correction=functools.partial(O.ewma_decoupled_weights, **kw))
+    pb = PolicyBatch(mask=jnp.asarray(m), old_logp=jnp.asarray(prox), advantages=jnp.asarray(adv),
+                     sampler_logp=jnp.asarray(samp))
+    out = obj.loss(TokenOutputs(logp=jnp.asarray(logp)), pb, obj.init())
+    np.testing.assert_allclose(float(out.loss), want.sum() / m.sum(), rtol=2e-5)
+    g = jax.grad(lambda lp, pr: O.ewma_decoupled_loss(lp, pr, *map(jnp.asarray, (samp, adv, m)),
+                                                      **kw)[0].sum(), argnums=(0, 1))
+    g_logp, g_prox = g(jnp.asarray(logp), jnp.asarray(prox))
+    assert np.abs(np.asarray(g_logp)).sum() > 0 and np.all(np.asarray(g_prox) == 0)
+
+
+def test_ewma_weights_are_global_over_the_named_axis():
+    prox, samp, m = _arrays(23, b=8, scale=0.8)
+    whole_w, whole_frac = O.ewma_decoupled_weights(jnp.asarray(prox), jnp.asarray(samp),
+                                                   jnp.asarray(m), level="geometric", cap=1.5)
+    split = lambda x: jnp.asarray(x).reshape(2, 4, -1)  # noqa: E731
+    w, frac = jax.vmap(functools.partial(O.ewma_decoupled_weights, level="geometric", cap=1.5,
+                                         axis_name="d"), axis_name="d")(
+        split(prox), split(samp), split(m))
+    np.testing.assert_allclose(np.asarray(w).reshape(8, -1), np.asarray(whole_w), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(frac), float(whole_frac), rtol=1e-6)
+    assert 0 < float(whole_frac) < 1
+
+
 # ---------------------------------------------------------------- diagnostics
 def test_mismatch_metrics_match_float64_transcription():
     old, samp, m = _arrays(8)
@@ -295,6 +407,10 @@ def test_shape_mismatch_names_the_array():
     old, samp, m = _arrays(13)
     with pytest.raises(ValueError, match="sampler_logp has shape"):
         O.truncated_is(jnp.asarray(old), jnp.asarray(samp[:, :3]), jnp.asarray(m))
+    with pytest.raises(ValueError, match="sampler_logp has shape"):
+        O.ewma_decoupled_weights(jnp.asarray(old), jnp.asarray(samp[:, :3]), jnp.asarray(m))
+    with pytest.raises(ValueError, match="cap="):
+        O.ewma_decoupled_weights(jnp.asarray(old), jnp.asarray(samp), jnp.asarray(m), cap=0.0)
     with pytest.raises(ValueError, match="behaviour_logp has shape"):
         O.decoupled_is_weights(jnp.asarray(old), jnp.asarray(samp[:3]), jnp.asarray(samp),
                                jnp.asarray(m))

@@ -134,10 +134,13 @@ def run_stats(run_dir: str) -> dict:
 
 
 def run_all(configs: list[str], seeds: list[int], out: str, extra: list[str],
-            sft_from: str | None = None) -> dict:
+            sft_from: str | None = None, keep_going: bool = False,
+            failed: list | None = None) -> dict:
     """Runs every (seed, config); an existing run (its summary.json) is read, not re-run.
     Returns {config: {seed: {"curve", "stats", "wall_s"}}}; writes the tables and JSON
-    after every run, so a stopped comparison leaves its partial results."""
+    after every run, so a stopped comparison leaves its partial results. With
+    ``keep_going`` a run that raises is reported (appended to ``failed``) and skipped."""
+    failed = [] if failed is None else failed
     os.makedirs(out, exist_ok=True)
     results: dict[str, dict[int, dict]] = {}
     for seed in seeds:
@@ -155,8 +158,16 @@ def run_all(configs: list[str], seeds: list[int], out: str, extra: list[str],
                 print(f"[async_compare] seed {seed}: {name} starts {time.strftime('%H:%M:%S')}",
                       flush=True)
                 t0 = time.perf_counter()
-                compare._run("grpo", common + CONFIGS[name] +
-                             [f'rlx.Experiment.run_dir = "{run_dir}"'])
+                try:
+                    compare._run("grpo", common + CONFIGS[name] +
+                                 [f'rlx.Experiment.run_dir = "{run_dir}"'])
+                except Exception as e:      # one failed run does not stop the others
+                    if not keep_going:
+                        raise
+                    print(f"[async_compare] seed {seed}: {name} FAILED: "
+                          f"{type(e).__name__}: {e}", flush=True)
+                    failed.append((name, seed, f"{type(e).__name__}: {e}"))
+                    continue
                 wall = time.perf_counter() - t0
                 with open(os.path.join(run_dir, "wall_s.txt"), "w") as f:
                     f.write(f"{wall:.1f}\n")
@@ -230,14 +241,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--sft_from", default=None,
                     help="a compare.py output folder whose finished sft_seed<S> to copy")
     ap.add_argument("--gin_param", action="append", default=[])
+    ap.add_argument("--keep_going", action="store_true",
+                    help="report a failed run and continue with the others")
     args = ap.parse_args(argv)
     names = args.configs.split(",") if args.configs else available_configs()
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         ap.error(f"--configs: unknown {unknown}; known: {list(CONFIGS)}")
+    failed: list = []
     results = run_all(names, [int(s) for s in args.seeds.split(",")], args.out,
-                      args.gin_param, args.sft_from)
+                      args.gin_param, args.sft_from, keep_going=args.keep_going, failed=failed)
     print(tables(results))
+    for name, seed, why in failed:
+        print(f"FAILED: {name} seed {seed}: {why}")
     print(f"wrote {os.path.join(args.out, 'async_compare.md')} and async_compare.json")
     return results
 

@@ -33,6 +33,38 @@ sampled with: snapshot-based version tracking, ``rlx.train.async_rl``);
 entangled single-ratio corrections (TIS / MIS, as in verl and slime) that remain
 when the old logits are missing.
 
+The paper's approximate route, when the old logits cannot be acquired cheaply, is "a
+revised PPO-EWMA method" (what could be read of it: the abstract, and the authors'
+README, github.com/millioniron/async_fixed, which speaks of "EWMA-style proximal
+reference policies"; not the method section's formulas). rlx reads it as Hilton, Cobbe & Schulman's PPO-EWMA ("Batch
+size-invariance for policy optimization", arXiv 2110.00641) carried over to the
+missing-old-logit setting. A *proximal* policy π_prox = π_train(θ̄), θ̄ the
+bias-corrected exponentially weighted moving average of the trainer's parameter
+versions (:func:`ewma_init` / :func:`ewma_update`, θ̄_v = Σ_i β^{v−i} θ_i / Σ_i β^{v−i}),
+stands in for the missing π_train(v_b): it is a training-side policy (the trainer's
+numerics, no engine discrepancy of its own) that lags the current one by a mean age
+of ≈ β/(1 − β) versions, as the behaviour versions lag by up to k. The total ratio
+then factors as::
+
+    π_θ / π_infer = [π_θ / π_prox] · [π_prox / π_infer]
+                     trust region      behaviour factor (≈ the discrepancy when the
+                     (PPO clip)        EWMA's age matches the tokens' lag)
+
+and the revised objective (:func:`ewma_decoupled_loss`) is Hilton et al.'s decoupled
+PPO with that proximal policy, ℓ_t = −w_t·min(r_t A_t, clip(r_t, 1 − ε, 1 + ε) A_t),
+r_t = π_θ/π_prox, with the behaviour weight w_t = :func:`ewma_decoupled_weights`
+(ρ = π_prox/π_infer masked outside a band, like the exact route's discrepancy factor;
+kept as ρ or 1, optionally truncated). What the paper leaves open and rlx chooses:
+the EWMA advances once per policy version (not per optimizer step: versions are what
+staleness is counted in), with bias correction; the default β = k/(k + 1) (mean age →
+k); the band acts on ρ because π_prox approximates the behaviour version. β = 0 makes
+π_prox the current policy, i.e. the "sampler" route. In ``rlx.train.async_rl``
+(``AsyncConfig(old_logits="ewma")``) the trainer keeps θ̄ in its checkpoint, computes
+π_prox inside the compiled update, drops the tokens outside the band from the loss
+mask and hands the objective old_logp = π_prox and sampler_logp = π_infer, so
+``compose(surrogate=ppo_clip_loss, is_correction=truncated_is)`` runs the revised
+PPO-EWMA loss (truncated instead of banded weights inside the band).
+
 Levels (how the per-token log-ratios ℓ_t = log p_t − log q_t of a row combine):
 
     "token"      w_t = exp(ℓ_t)

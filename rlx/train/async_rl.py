@@ -66,7 +66,19 @@ old logits in the ``sampler_logp`` slot, so a composed ``is_correction`` (e.g.
 ``offpolicy.truncated_is``) corrects the staleness factor π_old(v_now)/π_train(v_b)
 alone. (The engine has one behaviour-log-prob field; a second one,
 ``behaviour_logp``, would let ``offpolicy.decoupled_is_weights`` run inside the
-objective instead.)
+objective instead.) "ewma" (the seed paper's approximate route, a revised PPO-EWMA;
+formula and reading in ``rlx.objectives.offpolicy``): no old logits are computed; the
+trainer keeps θ̄, the bias-corrected EWMA of the parameter versions with decay β =
+``ewma_decay`` (default k/(k+1)), as ``offpolicy.ewma_init`` / ``ewma_update`` state
+beside the policy state (saved in the checkpoint as ``"ewma"``). Inside the one
+compiled update of iteration i it computes the proximal log-probs π_prox =
+π_train(θ̄_i) (θ̄_i covers versions 0..i), drops the tokens whose π_prox/π_infer leaves
+``discrepancy_band`` from the loss mask (``offpolicy.ewma_decoupled_weights``), runs
+the engine's update with the objective's ``old_logp`` = π_prox (the PPO clip is
+centred on the EWMA policy) and ``sampler_logp`` = π_infer (a composed
+``is_correction`` weighs π_prox/π_infer), then advances θ̄ by version i + 1. β = 0
+makes θ̄ the current parameters bitwise: the "sampler" route with the separate
+old-policy pass (``RLConfig.recompute_old_logp``) and the band.
 
 Checkpoints. Before a save the producer is brought to a deterministic point: in the
 fixed schedule, every unit needing a version older than the trainer's is done and it
@@ -85,7 +97,12 @@ tokens), ``async/multi_version_rows`` (rows sampled by more than one version),
 ``async/publish_s``; with ``monitor_mismatch`` the objective's ``offpolicy/gap_*``
 and ``offpolicy/kl_k3`` (sampler–trainer log-prob gap inside the compiled update);
 with exact old logits ``offpolicy/discrepancy_masked`` and
-``offpolicy/discrepancy_gap_abs_mean``; the objective's own ``is/frac_corrected``.
+``offpolicy/discrepancy_gap_abs_mean``; with "ewma" ``offpolicy/proximal_masked``,
+``offpolicy/proximal_gap_abs_mean`` (|log π_prox − log π_infer|), ``ewma/age`` (mean
+age of the proximal policy in versions, to compare with ``async/lag_mean``),
+``ewma/weight`` and ``ewma/param_gap`` (‖θ − θ̄‖ / ‖θ‖), and the ``offpolicy/gap_*`` /
+``ratio/*`` metrics then measure π_prox against π_infer and π_θ against π_prox; the
+objective's own ``is/frac_corrected``.
 
 Shapes: P prompts, G group size, B = P·G rows, T completion bucket, Sp prompt bucket.
 """
@@ -106,6 +123,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import struct
 
 from rlx import sharding as sh
@@ -122,7 +140,7 @@ log = logging.getLogger("rlx.async")
 
 PLACEMENTS = ("shared", "split")
 SCHEDULES = ("fixed", "free")
-OLD_LOGITS = ("sampler", "exact")
+OLD_LOGITS = ("sampler", "exact", "ewma")
 QUEUE_KEY = "async_queue"        # key of the in-flight queue in a checkpoint's extra
 QUEUE_FORMAT = 1
 
@@ -142,10 +160,15 @@ class AsyncConfig:
         the generation under it.
       chunk_tokens: decode steps per chunk (default ⌈max_new_tokens / max(k, 1)⌉).
       schedule: "fixed" (deterministic) or "free" (as fast as possible).
-      old_logits: "sampler" or "exact" (exact behaviour-version trainer log-probs).
+      old_logits: "sampler", "exact" (exact behaviour-version trainer log-probs) or
+        "ewma" (the revised PPO-EWMA proximal policy stands in for them).
       discrepancy_band / discrepancy_level: "exact": the band of the same-version
         ratio π_train/π_infer outside which tokens (level "token") or rows
-        ("sequence", "geometric") leave the loss.
+        ("sequence", "geometric") leave the loss; "ewma": the same band on the
+        approximate ratio π_prox/π_infer.
+      ewma_decay: "ewma" only: β of the proximal parameters' EWMA over policy
+        versions, 0 <= β < 1 (None: k/(k+1), so that the EWMA's mean age β/(1−β)
+        tends to k versions, the staleness bound; 0: the proximal policy is the current one).
       publish_timeout_s: a weight transfer taking longer stops the run.
       batch_timeout_s: waiting longer for a batch (or for the checkpoint barrier)
         stops the run (None: no limit).
@@ -162,6 +185,7 @@ class AsyncConfig:
     old_logits: str = "sampler"
     discrepancy_band: tuple[float, float] = (0.5, 2.0)
     discrepancy_level: str = "token"
+    ewma_decay: float | None = None
     publish_timeout_s: float = 120.0
     batch_timeout_s: float | None = None
     monitor_mismatch: bool = True
@@ -188,10 +212,27 @@ class AsyncConfig:
         if len(band) != 2 or not 0 <= band[0] < band[1]:
             bad("discrepancy_band", "must be (low, high) with 0 <= low < high")
         object.__setattr__(self, "discrepancy_band", (float(band[0]), float(band[1])))
+        if self.ewma_decay is not None:
+            x = self.ewma_decay
+            if (isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating))
+                    or not 0.0 <= float(x) < 1.0):
+                bad("ewma_decay", "must be a number with 0 <= ewma_decay < 1, or None")
+            if self.old_logits != "ewma":
+                bad("ewma_decay", f"is only used with old_logits='ewma' (old_logits="
+                    f"{self.old_logits!r})")
+            object.__setattr__(self, "ewma_decay", float(x))
         if not self.publish_timeout_s > 0:
             bad("publish_timeout_s", "must be > 0")
         if self.batch_timeout_s is not None and not self.batch_timeout_s > 0:
             bad("batch_timeout_s", "must be > 0 or None")
+
+    @property
+    def proximal_decay(self) -> float:
+        """β of the "ewma" mode: ``ewma_decay``, or k/(k+1) when it is None."""
+        if self.ewma_decay is not None:
+            return self.ewma_decay
+        k = self.max_staleness
+        return k / (k + 1.0)
 
 
 class AsyncRLError(RuntimeError):
@@ -556,6 +597,25 @@ def _floats(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items()}
 
 
+def _proximal_objective(objective):
+    """``objective`` for the "ewma" update: its batches carry ``sampler_logp`` as
+    [B, T, 2] = (proximal log-probs, sampler log-probs) (``AsyncRLTrainer._ewma_update``
+    stacks them inside the compiled update); the wrapped loss sees ``old_logp`` = the
+    proximal (EWMA) log-probs and ``sampler_logp`` = the sampler's, so the PPO clip is
+    centred on π_prox and a composed ``is_correction`` weighs π_prox/π_infer."""
+    inner = objective.loss
+
+    def loss(outputs, batch, state, *, axis_name=None):
+        slot = batch.sampler_logp
+        if slot is None or slot.ndim != 3 or slot.shape[-1] != 2:
+            raise ValueError("the 'ewma' objective needs sampler_logp [B, T, 2] (proximal, "
+                             f"sampler); got {None if slot is None else slot.shape}")
+        batch = batch.replace(old_logp=slot[..., 0], sampler_logp=slot[..., 1])
+        return inner(outputs, batch, state, axis_name=axis_name)
+
+    return objective._replace(loss=loss, needs=frozenset(objective.needs) | {"sampler_logp"})
+
+
 class AsyncRLTrainer(RLTrainer):
     """``RLTrainer`` with rollouts produced ahead by a host thread (module docstring).
 
@@ -572,6 +632,8 @@ class AsyncRLTrainer(RLTrainer):
             mesh, rollout_mesh = split_meshes(mesh, cfg.rollout_devices)
         if cfg.monitor_mismatch:
             objective = offpolicy.monitored(objective)
+        if cfg.old_logits == "ewma":
+            objective = _proximal_objective(objective)
         super().__init__(mesh=mesh, objective=objective, **kwargs)
         self.async_config = cfg
         self.rollout_mesh = rollout_mesh if rollout_mesh is not None else self.mesh
@@ -582,9 +644,9 @@ class AsyncRLTrainer(RLTrainer):
             raise ValueError("AsyncConfig.max_staleness > 0 needs a single process: on a "
                              "multi-host run the producer thread and the trainer would issue "
                              "their collectives in a different order on each host")
-        if cfg.old_logits == "exact" and self.sampler.greedy:
-            raise ValueError("AsyncConfig.old_logits='exact' compares sampler and trainer "
-                             "log-probs; greedy sampling (temperature 0) has none")
+        if cfg.old_logits in ("exact", "ewma") and self.sampler.greedy:
+            raise ValueError(f"AsyncConfig.old_logits={cfg.old_logits!r} compares sampler and "
+                             "trainer log-probs; greedy sampling (temperature 0) has none")
         k, n = cfg.max_staleness, self.sampler.max_new_tokens
         self.chunk_tokens = cfg.chunk_tokens or math.ceil(n / max(k, 1))
         self.units = math.ceil(n / self.chunk_tokens) if cfg.partial_rollouts else 1
@@ -601,6 +663,13 @@ class AsyncRLTrainer(RLTrainer):
         def behaviour(params, seq):
             return steps_lib.token_outputs(self.graphdef, params, seq, t, temperature=tau).logp
         self._behaviour_fn = jax.jit(behaviour)
+        # "ewma": the proximal parameters' EWMA state, in the parameters' layout
+        self._ewma = self._ewma_shardings = None
+        if cfg.old_logits == "ewma":
+            self._ewma_shardings = {"params": self.state_shardings.params,
+                                    "weight": sh.replicated(self.mesh),
+                                    "age": sh.replicated(self.mesh)}
+            self._ewma = sh.place(offpolicy.ewma_init(self.state.params), self._ewma_shardings)
 
     # ------------------------------------------------------------ publishing
     def _transfer(self, params):
@@ -931,10 +1000,64 @@ class AsyncRLTrainer(RLTrainer):
         return batch.replace(mask=new["mask"], sampler_logp=new["sampler_logp"])
 
     def update_step(self, batch) -> dict:
-        """The engine's update, then version ``iteration_index + 1`` published."""
-        metrics = super().update_step(batch)
+        """The engine's update (with "ewma": the proximal-policy update, one compiled
+        program as well), then version ``iteration_index + 1`` published."""
+        metrics = (super().update_step(batch) if self._ewma is None
+                   else self._ewma_update_step(batch))
         if self._pipeline is not None:
             self._publish(self.iteration_index + 1)
+        return metrics
+
+    def _ewma_update(self, state, critic_state, ref_params, ewma, batch):
+        """The "ewma" iteration (module docstring, "Old logits"), traced once per
+        batch shape: π_prox from the EWMA parameters, the band on π_prox/π_infer
+        dropped from the loss mask, the engine's update with the objective's
+        ``old_logp`` = π_prox, then the EWMA advanced by the new version."""
+        cfg = self.async_config
+        t = batch.mask.shape[1]
+        prox = jax.lax.stop_gradient(steps_lib.token_outputs(
+            self.graphdef, ewma["params"], batch.seq, t,
+            temperature=self.logprob_temperature).logp)
+        sampler = batch.sampler_logp.astype(prox.dtype)
+        loss = batch.mask.astype(prox.dtype)
+        w, masked = offpolicy.ewma_decoupled_weights(
+            prox, sampler, loss, level=cfg.discrepancy_level, band=cfg.discrepancy_band,
+            reweight=False)
+        keep = batch.mask & (w > 0)
+        den = jnp.maximum(loss.sum(), 1.0)
+        gap = jnp.abs(prox - sampler) * loss
+        diff = jax.tree.map(lambda a, b: a - b, state.params, ewma["params"])
+        extra = {"offpolicy/proximal_masked": masked,
+                 "offpolicy/proximal_gap_abs_mean": gap.sum() / den,
+                 "ewma/age": ewma["age"], "ewma/weight": ewma["weight"],
+                 "ewma/param_gap": optax.global_norm(diff)
+                 / jnp.maximum(optax.global_norm(state.params), 1e-12)}
+        slot = jnp.stack([prox, sampler * loss], axis=-1)
+        state, critic_state, metrics = self._update_fn(
+            state, critic_state, ref_params, batch.replace(mask=keep, sampler_logp=slot))
+        ewma = offpolicy.ewma_update(ewma, state.params, decay=cfg.proximal_decay)
+        return state, critic_state, ewma, {**metrics, **extra}
+
+    def _ewma_update_step(self, batch) -> dict:
+        shape = (batch.mask.shape, tuple(x.shape for x in jax.tree.leaves(batch.seq)))
+        fn = self._compiled.get(shape)
+        if fn is None:
+            batch_sh = jax.tree.map(
+                lambda x: (sh.replicated(self.mesh) if jnp.ndim(x) == 0
+                           else sh.batch_sharding(self.mesh, jnp.ndim(x))), batch)
+            fn = jax.jit(self._ewma_update,
+                         in_shardings=(self.state_shardings, self.critic_shardings,
+                                       self.ref_shardings, self._ewma_shardings, batch_sh),
+                         out_shardings=(self.state_shardings, self.critic_shardings,
+                                        self._ewma_shardings, sh.replicated(self.mesh)),
+                         donate_argnums=(0, 1, 3))
+            self._compiled[shape] = fn
+            self.compilations += 1
+        critic_state = self.critic.state if self.critic is not None else None
+        self.state, critic_state, self._ewma, metrics = fn(self.state, critic_state,
+                                                           self.ref_params, self._ewma, batch)
+        if self.critic is not None:
+            self.critic.state = critic_state
         return metrics
 
     # ----------------------------------------------------------- checkpoints
@@ -980,6 +1103,8 @@ class AsyncRLTrainer(RLTrainer):
         states = {"policy": self.state}
         if self.critic is not None:
             states["critic"] = self.critic.state
+        if self._ewma is not None:
+            states["ewma"] = self._ewma
         extra = {"iteration": step}
         if self._pipeline is None:
             data_state = self.stream.get_state()
@@ -1001,8 +1126,13 @@ class AsyncRLTrainer(RLTrainer):
         box = {}
         real = self.checkpointer.restore_latest
 
-        def recording(*args, **kwargs):
-            box["found"] = real(*args, **kwargs)
+        def recording(abstract, *args, init_state=None, **kwargs):
+            if self._ewma is not None:       # the proximal EWMA is saved beside the policy
+                abstract = {**abstract, "ewma": ckpt_lib.abstract_like(
+                    self._ewma, self._ewma_shardings)}
+                if init_state is not None:
+                    init_state = {**init_state, "ewma": self._ewma}
+            box["found"] = real(abstract, *args, init_state=init_state, **kwargs)
             return box["found"]
 
         self.checkpointer.restore_latest = recording
@@ -1012,7 +1142,9 @@ class AsyncRLTrainer(RLTrainer):
             del self.checkpointer.restore_latest
         if not found or box.get("found") is None:
             return found
-        _, _, data_state, extra = box["found"]
+        _, states, data_state, extra = box["found"]
+        if self._ewma is not None:
+            self._ewma = states["ewma"]
         payload = extra.get(QUEUE_KEY)
         if payload:
             self._restored = self._decode_queue(payload, data_state)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -49,16 +50,25 @@ def test_config_is_gin_configurable_and_validated():
     try:
         gin.parse_config(["rlx.train.AsyncConfig.max_staleness = 2",
                           'rlx.train.AsyncConfig.placement = "split"',
-                          "rlx.train.AsyncConfig.partial_rollouts = True"])
+                          "rlx.train.AsyncConfig.partial_rollouts = True",
+                          'rlx.train.AsyncConfig.old_logits = "ewma"',
+                          "rlx.train.AsyncConfig.ewma_decay = 0.25"])
         cfg = AsyncConfig()
         assert (cfg.max_staleness, cfg.placement, cfg.partial_rollouts) == (2, "split", True)
+        assert (cfg.old_logits, cfg.ewma_decay, cfg.proximal_decay) == ("ewma", 0.25, 0.25)
     finally:
         gin.clear_config()
+    assert AsyncConfig(max_staleness=3, old_logits="ewma").proximal_decay == 0.75
     for kw, match in [({"max_staleness": -1}, "max_staleness=-1"),
                       ({"max_staleness": True}, "max_staleness=True"),
                       ({"placement": "remote"}, "placement='remote'"),
                       ({"schedule": "eager"}, "schedule='eager'"),
-                      ({"old_logits": "ewma"}, "old_logits='ewma'"),
+                      ({"old_logits": "proximal"}, "old_logits='proximal'"),
+                      ({"old_logits": "ewma", "ewma_decay": 1.0}, "ewma_decay=1.0"),
+                      ({"old_logits": "ewma", "ewma_decay": -0.5}, "ewma_decay=-0.5"),
+                      ({"old_logits": "ewma", "ewma_decay": True}, "ewma_decay=True"),
+                      ({"old_logits": "ewma", "ewma_decay": "0.5"}, "ewma_decay='0.5'"),
+                      ({"ewma_decay": 0.5}, "ewma_decay=0.5: is only used with"),
                       ({"chunk_tokens": 0}, "chunk_tokens=0"),
                       ({"discrepancy_band": (2.0, 1.0)}, "discrepancy_band"),
                       ({"publish_timeout_s": 0}, "publish_timeout_s=0")]:
@@ -316,6 +326,139 @@ def test_exact_old_logits_mask_the_discrepancy_band_and_feed_the_staleness_facto
     np.testing.assert_array_equal(batch.sampler_logp, np.where(loss, r.behaviour_logp, 0))
     assert got.reward_metrics["offpolicy/discrepancy_masked"] == pytest.approx(
         1 - keep.sum() / loss.sum())
+
+
+# ------------------------------------------------- revised PPO-EWMA (approximate)
+WIDE = (0.0, 1e9)          # a band no ratio leaves (log-ratios are clamped at ±20)
+
+
+def test_ewma_with_decay_zero_is_the_sampler_path_bitwise(tmp_path):
+    """β = 0: the proximal parameters are the current ones bitwise, so with a band no
+    ratio leaves, "ewma" is the "sampler" route with the separate old-policy pass."""
+    sampler = _trainer(tmp_path / "s", steps=2, rl={"recompute_old_logp": True},
+                       async_config=AsyncConfig(max_staleness=1))
+    want = sampler.run()
+    sampler.close()
+    ewma = _trainer(tmp_path / "e", steps=2, async_config=AsyncConfig(
+        max_staleness=1, old_logits="ewma", ewma_decay=0.0, discrepancy_band=WIDE))
+    got = ewma.run()
+    ewma.close()
+    assert _same_state(sampler.state, ewma.state)
+    assert _same_state(ewma.state.params, ewma._ewma["params"])
+    for w, g in zip(want, got):
+        for k in ("loss", "grad_norm", "reward_mean", "ratio/mean", "offpolicy/gap_abs_mean"):
+            assert w[k] == g[k], k
+        assert g["ewma/age"] == 0 and g["ewma/param_gap"] == 0
+        assert g["offpolicy/proximal_masked"] == 0
+    assert got[1]["async/lag_mean"] == 1 and got[1]["offpolicy/gap_abs_mean"] > 0
+
+
+def _np_ewma(versions, decay):
+    v = len(versions) - 1
+    w = np.array([decay ** (v - i) for i in range(v + 1)])
+    return jax.tree.map(lambda *xs: sum(wi * np.float64(x) for wi, x in zip(w, xs)) / w.sum(),
+                        *versions), w.sum(), float((w * np.arange(v, -1, -1)).sum() / w.sum())
+
+
+def test_ewma_proximal_policy_follows_its_formula_inside_the_loop(tmp_path):
+    """k = 1, β = 0.5, three iterations: the EWMA state is the bias-corrected average of
+    the parameter versions (float64 transcription from the published weights), it
+    differs from the current and the behaviour parameters, the logged proximal gap is
+    that of a teacher-forced forward with the transcribed EWMA, the PPO ratio is
+    measured against it, and the update compiles once."""
+    trainer = _trainer(tmp_path, steps=3, async_config=AsyncConfig(
+        max_staleness=1, old_logits="ewma", ewma_decay=0.5))
+    published, batches = [], []
+    real_transfer, real_collect = trainer._transfer, trainer.collect
+
+    def transfer(params):
+        published.append(jax.device_get(params))
+        return real_transfer(params)
+
+    def collect(key):
+        got = real_collect(key)
+        batches.append(got)
+        return got
+
+    trainer._transfer, trainer.collect = transfer, collect
+    history = trainer.run()
+    trainer.close()
+    assert len(published) == 3 and trainer.compilations == 1
+    versions = published + [jax.device_get(trainer.state.params)]     # θ_0 … θ_3
+    want, n, age = _np_ewma(versions, 0.5)
+    got = jax.device_get(trainer._ewma)
+    for a, b in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert float(got["weight"]) == pytest.approx(n) and float(got["age"]) == pytest.approx(age)
+    current, behaviour = jax.tree.leaves(versions[3]), jax.tree.leaves(versions[2])
+    ewma = jax.tree.leaves(got["params"])
+    assert not all(np.array_equal(a, b) for a, b in zip(ewma, current))
+    assert not all(np.array_equal(a, b) for a, b in zip(ewma, behaviour))
+    # iteration 2 used θ̄_2 = EWMA(θ_0, θ_1, θ_2) against batch 2 (sampled by version 1)
+    prox_params, _, age2 = _np_ewma(versions[:3], 0.5)
+    prox_params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), prox_params)
+    r = batches[2].rollout
+    loss = np.asarray(r.completion_mask) & ~np.asarray(r.forced)
+    prox = _teacher_forced(trainer, prox_params, r)
+    gap = np.abs(np.float64(prox) - r.sampling_logprobs)[loss].mean()
+    row = history[2]
+    assert row["offpolicy/proximal_gap_abs_mean"] == pytest.approx(gap, abs=2e-5)
+    assert row["offpolicy/gap_abs_mean"] == pytest.approx(gap, abs=2e-5)   # old_logp = π_prox
+    assert row["ewma/age"] == pytest.approx(age2) and row["async/lag_mean"] == 1
+    assert row["ewma/param_gap"] > 0 and row["ratio/mean"] != 1.0    # π_θ / π_prox ≠ 1
+    for key in ("offpolicy/proximal_masked", "ewma/weight", "async/lag_max",
+                "ratio/clip_frac_high", "offpolicy/kl_k3"):
+        assert all(key in h for h in history), key
+
+
+def test_ewma_band_drops_tokens_from_the_loss_mask(tmp_path):
+    """A narrow band on π_prox/π_infer: the tokens outside it leave the loss (the
+    logged fraction is that of the first iteration's ratios, π_prox = π_θ_0)."""
+    band = (0.405, 1.5)        # the top-4 mass of this tiny model is 0.38–0.46
+    trainer = _trainer(tmp_path, steps=1, sampler_kw={"top_k": 4}, async_config=AsyncConfig(
+        max_staleness=1, old_logits="ewma", discrepancy_band=band))
+    batches = []
+    real_collect = trainer.collect
+
+    def collect(key):
+        got = real_collect(key)
+        batches.append(got)
+        return got
+
+    trainer.collect = collect
+    row = trainer.run()[0]
+    params0 = jax.device_get(_trainer(tmp_path / "init", RLTrainer).state.params)
+    trainer.close()
+    r = batches[0].rollout
+    loss = np.asarray(r.completion_mask) & ~np.asarray(r.forced)
+    ratio = np.exp(np.float64(_teacher_forced(trainer, params0, r)) - r.sampling_logprobs)
+    keep = loss & (ratio >= band[0]) & (ratio <= band[1])
+    assert 0 < keep.sum() < loss.sum()
+    assert row["offpolicy/proximal_masked"] == pytest.approx(1 - keep.sum() / loss.sum())
+    assert row["ratio/valid_tokens"] == keep.sum()
+
+
+def test_ewma_checkpoint_resumes_bitwise(tmp_path):
+    """The EWMA state is saved beside the policy ("ewma") and restored: a run saved
+    after iteration 1 and resumed ends bitwise where the uninterrupted run ends, EWMA
+    included."""
+    cfg = AsyncConfig(max_staleness=1, old_logits="ewma", ewma_decay=0.5)
+    ref = _trainer(tmp_path / "ref", steps=2, async_config=cfg)
+    want = ref.run()
+    ref.close()
+    first = _trainer(tmp_path / "run", steps=2, async_config=cfg)
+    first.iteration()
+    first.save(force=True)
+    first.checkpointer.wait()
+    first.close()
+    assert '"ewma"' in (tmp_path / "run" / "checkpoints" / "1" / "state" / "_METADATA").read_text()
+    again = _trainer(tmp_path / "run", steps=2, async_config=cfg)
+    fresh = jax.device_get(again._ewma)
+    got = again.run()
+    again.close()
+    assert _same_state(again.state, ref.state) and _same_state(again._ewma, ref._ewma)
+    assert not _same_state(again._ewma, fresh)            # restored, not re-initialised
+    assert got[0]["loss"] == want[1]["loss"] and got[0]["ewma/age"] == want[1]["ewma/age"]
 
 
 def test_staleness_guard_refuses_tokens_older_than_k(tmp_path):

@@ -384,6 +384,7 @@ def test_ewma_proximal_policy_follows_its_formula_inside_the_loop(tmp_path):
     history = trainer.run()
     trainer.close()
     assert len(published) == 3 and trainer.compilations == 1
+    assert next(iter(trainer._compiled.values()))._cache_size() == 1     # traced once
     versions = published + [jax.device_get(trainer.state.params)]     # θ_0 … θ_3
     want, n, age = _np_ewma(versions, 0.5)
     got = jax.device_get(trainer._ewma)
@@ -427,7 +428,7 @@ def test_ewma_band_drops_tokens_from_the_loss_mask(tmp_path):
 
     trainer.collect = collect
     row = trainer.run()[0]
-    params0 = jax.device_get(_trainer(tmp_path / "init", RLTrainer).state.params)
+    _, params0 = api.init(config.model_config("tiny", vocab_size=13), seed=0)   # version 0
     trainer.close()
     r = batches[0].rollout
     loss = np.asarray(r.completion_mask) & ~np.asarray(r.forced)

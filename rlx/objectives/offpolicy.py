@@ -36,9 +36,9 @@ when the old logits are missing.
 The paper's approximate route, when the old logits cannot be acquired cheaply, is "a
 revised PPO-EWMA method" (what could be read of it: the abstract, and the authors'
 README, github.com/millioniron/async_fixed, which speaks of "EWMA-style proximal
-reference policies"; not the method section's formulas). rlx reads it as Hilton, Cobbe & Schulman's PPO-EWMA ("Batch
-size-invariance for policy optimization", arXiv 2110.00641) carried over to the
-missing-old-logit setting. A *proximal* policy π_prox = π_train(θ̄), θ̄ the
+reference policies"; not the method section's formulas). rlx reads it as Hilton,
+Cobbe & Schulman's PPO-EWMA ("Batch size-invariance for policy optimization", arXiv
+2110.00641) carried over to the missing-old-logit setting. A *proximal* policy π_prox = π_train(θ̄), θ̄ the
 bias-corrected exponentially weighted moving average of the trainer's parameter
 versions (:func:`ewma_init` / :func:`ewma_update`, θ̄_v = Σ_i β^{v−i} θ_i / Σ_i β^{v−i}),
 stands in for the missing π_train(v_b): it is a training-side policy (the trainer's

@@ -16,7 +16,11 @@ child process with ``--xla_force_host_platform_device_count=8``. Each run times
 ``--warmup`` iterations (≥ k + 1, so the pipeline is full and compiled); the table
 gives rollouts/s and generated tokens/s over the timed iterations, the median
 iteration time, how long the trainer waited for rollouts, the update time (the
-weight publish included) and the producer's generation time per batch.
+weight publish included) and the producer's generation time per batch, and, because
+wall time on a shared machine measures the neighbours too, the process CPU time per
+timed iteration (every thread: trainer, producer and XLA's; not the reward worker
+processes), the cores it kept busy (CPU / wall) and "cpu vs k=0", the k = 0 config's
+CPU time per iteration over this one's (> 1×: less CPU for the same rollouts).
 
 What overlap can gain, and why:
 
@@ -126,7 +130,12 @@ def measure(workload, placement: str, k: int, args) -> dict:
     built = build(workload, placement, k, args.partial, steps=warmup + args.iters)
     try:
         t0 = time.perf_counter()
-        times = wl.time_iterations(built.trainer, warmup=warmup, iters=args.iters)
+        for _ in range(warmup):
+            built.trainer.iteration()
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        times = wl.time_iterations(built.trainer, warmup=0, iters=args.iters)
+        cpu = time.process_time() - cpu0        # every thread of this process, producer
+        timed_wall = time.perf_counter() - wall0    # and XLA included; not reward workers
     finally:
         built.close()
     walls = times.values("wall/iteration()")
@@ -144,6 +153,8 @@ def measure(workload, placement: str, k: int, args) -> dict:
             "iteration_s": statistics.median(walls), "wait_s": med("async/wait_s"),
             "update_s": med("time/update"), "generate_s": med("producer/time_generate"),
             "publish_s": med("async/publish_s"), "lag_mean": med("async/lag_mean"),
+            "cpu_s_per_iteration": cpu / args.iters, "cores_busy": cpu / timed_wall,
+            "rollouts_per_cpu_s": rows * args.iters / cpu,
             "total_s": time.perf_counter() - t0}
 
 
@@ -171,7 +182,8 @@ def table(results: list[dict]) -> list[str]:
     """One row per config; "vs k=0" against shared:0 (shared) or shared8:0 (8 devices)."""
     by_config = {r["config"]: r for r in results}
     lines = [f"{'config':<11} {'rollouts/s':>10} {'tokens/s':>9} {'iter s':>7} {'wait s':>7} "
-             f"{'update s':>8} {'gen s':>6} {'lag':>5} {'vs k=0':>7}", "-" * 78]
+             f"{'update s':>8} {'gen s':>6} {'lag':>5} {'vs k=0':>7} {'cpu s/it':>8} "
+             f"{'cores':>5} {'cpu vs k=0':>10}", "-" * 105]
 
     def num(x, width, places=3):
         return f"{x:>{width}.{places}f}" if x is not None else " " * (width - 1) + "-"
@@ -179,10 +191,14 @@ def table(results: list[dict]) -> list[str]:
     for r in results:
         ref = by_config.get("shared:0" if r["placement"] == "shared" else "shared8:0")
         rel = f"{r['rollouts_per_s'] / ref['rollouts_per_s']:.2f}×" if ref else ""
+        cpu_rel = (f"{ref['cpu_s_per_iteration'] / r['cpu_s_per_iteration']:.2f}×"
+                   if ref and r.get("cpu_s_per_iteration") else "")
         lines.append(f"{r['config']:<11} {r['rollouts_per_s']:>10.1f} {r['tokens_per_s']:>9.0f} "
                      f"{num(r['iteration_s'], 7)} {num(r['wait_s'], 7)} "
                      f"{num(r['update_s'], 8)} {num(r['generate_s'], 6)} "
-                     f"{num(r['lag_mean'], 5, 2)} {rel:>7}")
+                     f"{num(r['lag_mean'], 5, 2)} {rel:>7} "
+                     f"{num(r.get('cpu_s_per_iteration'), 8)} {num(r.get('cores_busy'), 5, 2)} "
+                     f"{cpu_rel:>10}")
     return lines
 
 

@@ -331,9 +331,11 @@ def _quiet(linger_s: float = 0.3):
         failed = True
         raise
     finally:
-        if failed and linger_s:
-            time.sleep(linger_s)   # late callbacks of the abandoned reads print meanwhile
-        gc.collect()     # finalise the abandoned coroutines while their noise is muted
+        if failed:
+            if linger_s:
+                time.sleep(linger_s)   # late callbacks of the abandoned reads print meanwhile
+            gc.collect()   # finalise the abandoned coroutines while their noise is muted
+            # (only after a failure: a full collection costs ~0.2 s in a large process)
         sys.unraisablehook, threading.excepthook = old_unraisable, old_thread
         sys.stderr = old_stderr
         for lg, level in zip(loggers, levels):

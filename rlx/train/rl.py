@@ -223,6 +223,7 @@ class RLTrainer:
                     if critic is not None else None),
             mesh=self.mesh, shard_map=config.shard_map_update)
         self._compiled: dict = {}        # one compiled update per batch shape
+        self._packed_checked: set = set()  # shapes _check_packed_cost has looked at
         self.compilations = 0
 
     # ------------------------------------------------------------------ pieces
@@ -386,6 +387,8 @@ class RLTrainer:
         if self.config.shared_prefix_update:        # one packed row per prompt
             seq = packing.pack_rollout(r, self.sampler.num_generations,
                                        pad_id=self.sampler.pad_id)
+            self._check_packed_cost(r.prompt_ids.shape[1], r.completion_ids.shape[1],
+                                    seq.tokens.shape[1])
         else:
             seq = self.sequences(r)
         b = got.rewards.size
@@ -397,6 +400,27 @@ class RLTrainer:
             truncated=r.truncated, forced=r.forced, sampler_logp=r.sampling_logprobs,
             group_ids=r.group_id)
         return sh.shard_batch(batch, self.mesh)
+
+    def _check_packed_cost(self, sp: int, t: int, width: int) -> None:
+        """Warns once per shape where the Prefix Grouper layout computes more attention
+        than G separate rows: with a dense attention backend the packed row of width
+        W = Sp + G·T costs W² scores against G·(Sp + T)² for the naive layout, so it
+        loses (and needs that much more memory) once G·T is large next to Sp
+        (``benchmarks/scaling.py``, BUILD_NOTES "Scaling table")."""
+        g, backend = self.sampler.num_generations, self.model_config.attention_backend
+        key = (sp, t, width)
+        if backend == "block_sparse" or key in self._packed_checked:
+            return
+        self._packed_checked.add(key)
+        packed, naive = width ** 2, g * (sp + t) ** 2
+        if packed > naive:
+            log.warning("shared_prefix_update=True with attention_backend=%r: the packed row "
+                        "(width %d) computes %.1fx the attention scores of %d separate rows "
+                        "(prompt %d + completion %d tokens), so it is slower and needs more "
+                        "memory than the naive layout here; set "
+                        "rlx.train.RLConfig.shared_prefix_update = False or use "
+                        "attention_backend='block_sparse'", backend, width, packed / naive, g,
+                        sp, t)
 
     def update_step(self, batch: update_lib.IterationBatch) -> dict:
         """The compiled update of this iteration (one program per batch shape)."""

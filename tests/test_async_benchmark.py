@@ -24,6 +24,9 @@ TINY = [
     "rlx.train.RLConfig.minibatches = 2",
     "rlx.train.RLConfig.eval_every = 2",
     "rlx.train.RLConfig.log_samples_every = 0",
+    # in-thread rewards: the process pool is not safe for the producer thread and the
+    # evaluation scoring at once (mismatched replies, seen in the full comparison)
+    'rlx.rewards.RewardPool.backend = "inline"',
 ]
 
 

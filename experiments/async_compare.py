@@ -33,6 +33,15 @@ off-policy statistics: version lag of the loss tokens (mean of ``async/lag_mean`
 of ``async/lag_max``), the fraction of tokens the IS correction truncated
 (``is/frac_corrected``) and the fraction masked by the discrepancy band
 (``offpolicy/discrepancy_masked``), means over iterations and seeds, and wall time.
+
+Known problem (2026-12-01): with k > 0 the producer thread scores its rollouts through
+the run's ``RewardPool`` while the trainer thread's held-out evaluation scores through
+the same pool; the process backend has no lock, so one thread can receive the other's
+worker reply and both stop with "shape mismatch: value array of shape (16,1) could not
+be broadcast to indexing result of shape (8,1)" (``RewardPool._score_workers``). It hit
+1 of 6 k2/k2_exact runs and all 3 k2_ewma runs; ``--keep_going`` reports such a run and
+continues. Workaround: ``--gin_param 'rlx.rewards.RewardPool.backend = "inline"'``
+(rewards in the calling thread; the same reward values).
 """
 
 from __future__ import annotations

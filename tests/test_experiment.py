@@ -83,6 +83,7 @@ def test_rlx_train_help_via_cli():
     assert err.value.code == 0
 
 
+@pytest.mark.slow     # in CI: test_shared_prefix_update_matches_naive_layout_in_the_loop[ppo]
 def test_ppo_experiment_trains_a_separate_critic(tmp_path):
     run_dir = str(tmp_path / "ppo")
     params = TINY + [f'rlx.Experiment.run_dir = "{run_dir}"', 'rlx.Experiment.objective = "ppo"',
@@ -140,8 +141,14 @@ def test_experiment_configs_parse_and_name_a_known_objective(name):
     objective_by_name(exp.objective)
 
 
-@pytest.mark.parametrize("objective", ["grpo", "ppo"])
+@pytest.mark.parametrize("objective", [
+    # GRPO's policy step in both layouts: tests/train/test_packing.py (CI); in the loop
+    # the PPO case covers the same policy path plus the critic's.
+    pytest.param("grpo", marks=pytest.mark.slow),
+    "ppo",
+])
 def test_shared_prefix_update_matches_naive_layout_in_the_loop(tmp_path, objective):
+    """Also (PPO): the experiment trains a separate critic (a value loss every step)."""
     losses = {}
     for layout in (False, True):
         gin.clear_config()
@@ -152,6 +159,9 @@ def test_shared_prefix_update_matches_naive_layout_in_the_loop(tmp_path, objecti
             f"rlx.train.RLConfig.shared_prefix_update = {layout}"])
         rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
         losses[layout] = [r for r in rows if r["step"] == 1][0]
+        if objective == "ppo":
+            rl_rows = [r for r in rows if r["step"] > 0]
+            assert rl_rows and all("value_loss" in r and "loss" in r for r in rl_rows)
     for key in ("loss", "reward_mean", "ratio/mean") + (("value_loss",) if objective == "ppo" else ()):
         assert losses[True][key] == pytest.approx(losses[False][key], rel=1e-4, abs=1e-6), key
 

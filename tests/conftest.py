@@ -19,3 +19,40 @@ jax.config.update("jax_default_matmul_precision", "highest")
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+
+# Modules whose tests run whole experiments or several processes (the slowest in CI's
+# --durations), in two groups of about equal cost. CI runs ``-n 2 --dist worksteal``:
+# the first worker gets the first half of the collection, the second the other half,
+# and an idle worker steals from the tail of the other's queue. Each half starts with
+# one group, so the long tests run early on both workers and the short ones fill the
+# end. Whole modules move, keeping module-scoped fixtures set up once per worker.
+LONG_FIRST = (
+    ("tests/test_experiment.py",             # worker-seconds in the clean-clone CI
+     "tests/train/test_multihost.py",         # of 2026-12-01 (loaded machine):
+     "tests/test_gpu_suite.py",               # 625, 263, 105, 95, 176
+     "tests/train/test_shard_map_update.py",
+     "tests/train/test_engine.py"),
+    ("tests/train/test_phase_resume.py",      # 314, 228, 211, 201, 91, 53, 40, 30
+     "tests/train/test_async_rl.py",
+     "tests/test_user_path.py",
+     "tests/test_rlhf.py",
+     "tests/test_mesh_sharding.py",
+     "tests/sampling/test_sharding.py",
+     "tests/train/test_resume.py",
+     "tests/train/test_faults_multihost.py"),
+)
+
+
+@pytest.hookimpl(trylast=True)               # after ``-m`` deselected what it does
+def pytest_collection_modifyitems(config, items):
+    def module(item):
+        return item.nodeid.split("::", 1)[0]
+
+    groups = [[i for path in group for i in items if module(i) == path]
+              for group in LONG_FIRST]
+    long_ones = {id(i) for g in groups for i in g}
+    rest = [i for i in items if id(i) not in long_ones]
+    fill = max(0, len(items) // 2 - len(groups[0]))
+    items[:] = groups[0] + rest[:fill] + groups[1] + rest[fill:]

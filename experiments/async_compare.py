@@ -32,7 +32,11 @@ of accuracy against rollouts consumed (mean ± std over seeds) and one of the pe
 off-policy statistics: version lag of the loss tokens (mean of ``async/lag_mean``, max
 of ``async/lag_max``), the fraction of tokens the IS correction truncated
 (``is/frac_corrected``) and the fraction masked by the discrepancy band
-(``offpolicy/discrepancy_masked``), means over iterations and seeds, and wall time.
+(``offpolicy/discrepancy_masked``; "ewma": ``offpolicy/proximal_masked``), the k3 KL
+between the objective's ``old_logp`` and its ``sampler_logp`` slot (``offpolicy/kl_k3``:
+k2 consuming-version vs sampler log-probs, k2_exact consuming-version vs exact
+behaviour-version ones, k2_ewma proximal vs sampler ones), means over iterations and
+seeds, and wall time.
 
 Known problem (2026-12-01): with k > 0 the producer thread scores its rollouts through
 the run's ``RewardPool`` while the trainer thread's held-out evaluation scores through
@@ -75,7 +79,7 @@ CONFIGS = {
 # per-iteration metrics summarised per run: (key, reduction over iterations)
 STATS = (("async/lag_mean", "mean"), ("async/lag_max", "max"),
          ("is/frac_corrected", "mean"), ("offpolicy/discrepancy_masked", "mean"),
-         ("offpolicy/kl_k3", "mean"))
+         ("offpolicy/proximal_masked", "mean"), ("offpolicy/kl_k3", "mean"))
 
 
 def grpo_tis(cap: float = 2.0):
@@ -207,7 +211,7 @@ def tables(results: dict) -> str:
             lines.append(f"| {name} | {len(accs)} | {rollouts} | "
                          f"{np.mean(accs):.3f} ± {np.std(accs):.3f} |")
     lines += ["", "| config | seeds | seeds run | final accuracy | lag mean | lag max | "
-              "IS-truncated frac | band-masked frac | KL(k3) sampler–trainer | wall s/run |",
+              "IS-truncated frac | band-masked frac | KL(k3) old vs behaviour slot | wall s/run |",
               "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, by_seed in results.items():
         finals = [r["curve"][-1][1] for r in by_seed.values()]
@@ -219,12 +223,15 @@ def tables(results: dict) -> str:
             return float(np.max(vals) if how == "max" else np.mean(vals))
 
         walls = [r["wall_s"] for r in by_seed.values() if r["wall_s"] is not None]
+        band = agg("offpolicy/discrepancy_masked", "mean")     # "exact": π_train/π_infer
+        if band is None:                                       # "ewma": π_prox/π_infer
+            band = agg("offpolicy/proximal_masked", "mean")
         lines.append(
             f"| {name} | {len(finals)} | {','.join(str(s) for s in by_seed)} | "
             f"{np.mean(finals):.3f} ± {np.std(finals):.3f} | "
             f"{_fmt(agg('async/lag_mean', 'mean'), 2)} | {_fmt(agg('async/lag_max', 'max'), 0)} | "
             f"{_fmt(agg('is/frac_corrected', 'mean'), 4)} | "
-            f"{_fmt(agg('offpolicy/discrepancy_masked', 'mean'), 4)} | "
+            f"{_fmt(band, 4)} | "
             f"{_fmt(agg('offpolicy/kl_k3', 'mean'), 5)} | "
             f"{_fmt(np.mean(walls) if walls else None, 0)} |")
     return "\n".join(lines)

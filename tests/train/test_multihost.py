@@ -187,10 +187,14 @@ def test_rlx_train_on_two_processes_resumes_and_exports_like_one(tmp_path):
 
     ref_dir, run_dir = tmp_path / "one", tmp_path / "two"
     (tmp_path / "lengths.py").write_text(LENGTHS)
-    with open(tmp_path / "ref.log", "w") as log:
-        ref = _rlx_train(ref_dir, 3, log=log)
-        _wait_all({"ref": ref}, {"ref": log}, tmp_path)
-    first = _two_processes(tmp_path, run_dir, 2, "a")
+    # The one-process reference runs beside the first two-process run (whose processes
+    # spend much of their time waiting on each other's collectives).
+    ref_log = open(tmp_path / "ref.log", "w")
+    ref = _rlx_train(ref_dir, 3, log=ref_log)
+    try:
+        first = _two_processes(tmp_path, run_dir, 2, "a")
+    finally:
+        _wait_all({"ref": ref}, {"ref": ref_log}, tmp_path)
     assert "=== rlx run summary ===" in first[0] and "=== rlx run summary ===" not in first[1]
     assert sorted(os.listdir(run_dir / "checkpoints"))[-1] == "2"
     second = _two_processes(tmp_path, run_dir, 3, "b")

@@ -265,13 +265,9 @@ def _teacher_forced(trainer, params, rollout):
     return np.asarray(steps_lib.token_outputs(trainer.graphdef, params, seq, NEW).logp)
 
 
-def test_partial_rollouts_record_the_version_and_behaviour_of_every_token(tmp_path):
-    """k = 2, two chunks of two tokens: chunk 0 of batch j is sampled by version
-    j − 2, chunk 1 by j − 1; each token's sampler log-prob and exact old logit are
-    those of the version that sampled it (checked against a teacher-forced forward
-    with that version's recorded weights), not of the forced pass that re-feeds it."""
-    trainer = _trainer(tmp_path, steps=5, async_config=AsyncConfig(
-        max_staleness=2, partial_rollouts=True, chunk_tokens=2, old_logits="exact"))
+def _run_recording(trainer):
+    """Runs the trainer; returns every published parameter version, every collected
+    batch and the history."""
     published, batches = [], []
     real_transfer, real_collect = trainer._transfer, trainer.collect
 
@@ -287,6 +283,17 @@ def test_partial_rollouts_record_the_version_and_behaviour_of_every_token(tmp_pa
     trainer._transfer, trainer.collect = transfer, collect
     history = trainer.run()
     trainer.close()
+    return published, batches, history
+
+
+def test_partial_rollouts_record_the_version_and_behaviour_of_every_token(tmp_path):
+    """k = 2, two chunks of two tokens: chunk 0 of batch j is sampled by version
+    j − 2, chunk 1 by j − 1; each token's sampler log-prob and exact old logit are
+    those of the version that sampled it (checked against a teacher-forced forward
+    with that version's recorded weights), not of the forced pass that re-feeds it."""
+    trainer = _trainer(tmp_path, steps=5, async_config=AsyncConfig(
+        max_staleness=2, partial_rollouts=True, chunk_tokens=2, old_logits="exact"))
+    published, batches, history = _run_recording(trainer)
     assert len(published) == 5 and len(batches) == 5        # versions 0..4, batches 0..4
     multi = 0
     for j, got in enumerate(batches):
@@ -368,21 +375,7 @@ def test_ewma_proximal_policy_follows_its_formula_inside_the_loop(tmp_path):
     measured against it, and the update compiles once."""
     trainer = _trainer(tmp_path, steps=3, async_config=AsyncConfig(
         max_staleness=1, old_logits="ewma", ewma_decay=0.5))
-    published, batches = [], []
-    real_transfer, real_collect = trainer._transfer, trainer.collect
-
-    def transfer(params):
-        published.append(jax.device_get(params))
-        return real_transfer(params)
-
-    def collect(key):
-        got = real_collect(key)
-        batches.append(got)
-        return got
-
-    trainer._transfer, trainer.collect = transfer, collect
-    history = trainer.run()
-    trainer.close()
+    published, batches, history = _run_recording(trainer)
     assert len(published) == 3 and trainer.compilations == 1
     assert next(iter(trainer._compiled.values()))._cache_size() == 1     # traced once
     versions = published + [jax.device_get(trainer.state.params)]     # θ_0 … θ_3

@@ -311,6 +311,9 @@ class RewardPool:
             payload = pickle.dumps((_SpecRef(spec), self.timeout_s, self.failure_value))
         self._payload = payload
         self._closed = False
+        # One batch at a time: two threads (an asynchronous rollout producer and the
+        # trainer's evaluation) would otherwise read each other's replies.
+        self._lock = threading.RLock()
         if backend in ("process", "thread"):
             self._workers = [self._new_worker() for _ in range(self.num_workers)]
             deadline = time.monotonic() + self.startup_timeout_s
@@ -362,7 +365,13 @@ class RewardPool:
 
     # -- scoring ----------------------------------------------------------------------
     def score(self, completions: Sequence[str], problems: Sequence[Any]) -> RewardResult:
-        """Scores ``completions[i]`` against ``problems[i]`` for all i (see module doc)."""
+        """Scores ``completions[i]`` against ``problems[i]`` for all i (see module doc).
+
+        Thread-safe: calls from several threads are scored one after the other."""
+        with self._lock:
+            return self._score(completions, problems)
+
+    def _score(self, completions: Sequence[str], problems: Sequence[Any]) -> RewardResult:
         if self._closed:
             raise RuntimeError("RewardPool is closed")
         if len(completions) != len(problems):
@@ -478,6 +487,9 @@ class RewardPool:
                     raise RuntimeError(f"reward worker failed to start: {msg[1]}")
                 _, chunk_id, v, s, e = msg
                 run = busy.pop(slot)
+                if chunk_id != run.chunk_id:     # never expected: say so instead of mixing
+                    raise RuntimeError(f"reward worker {slot} replied for chunk {chunk_id} "
+                                       f"while scoring chunk {run.chunk_id}")
                 cols = [c for c in range(len(self.spec)) if c not in run.chunk.skip]
                 rows = np.asarray(run.chunk.idx)
                 values[np.ix_(rows, cols)] = v[:, cols]

@@ -38,14 +38,11 @@ k2 consuming-version vs sampler log-probs, k2_exact consuming-version vs exact
 behaviour-version ones, k2_ewma proximal vs sampler ones), means over iterations and
 seeds, and wall time.
 
-Known problem (2026-12-01): with k > 0 the producer thread scores its rollouts through
-the run's ``RewardPool`` while the trainer thread's held-out evaluation scores through
-the same pool; the process backend has no lock, so one thread can receive the other's
-worker reply and both stop with "shape mismatch: value array of shape (16,1) could not
-be broadcast to indexing result of shape (8,1)" (``RewardPool._score_workers``). It hit
-1 of 6 k2/k2_exact runs and all 3 k2_ewma runs; ``--keep_going`` reports such a run and
-continues. Workaround: ``--gin_param 'rlx.rewards.RewardPool.backend = "inline"'``
-(rewards in the calling thread; the same reward values).
+Fixed problem (2026-12-01, d30b711): with k > 0 the producer thread and the trainer's
+held-out evaluation score through the same ``RewardPool``; before ``RewardPool.score``
+took a lock, one thread could receive the other's worker reply (both stopped with a
+shape mismatch; it hit 4 of the 12 runs of the first comparison, which were rerun).
+``--keep_going`` still reports a failed run and continues with the others.
 """
 
 from __future__ import annotations

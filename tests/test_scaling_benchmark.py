@@ -21,6 +21,7 @@ def scaling():
         sys.path.remove(BENCH)
 
 
+@pytest.mark.slow      # ~55 s of CI on a cold cache for a benchmark's plumbing; run with -m slow
 def test_quick_scaling_table(scaling, tmp_path, capsys):
     out_path = tmp_path / "scaling.json"
     # two axes keep the cold-cache cost of CI down (3 points × 2 configurations); the

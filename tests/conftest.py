@@ -3,6 +3,13 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests' programs are tiny: XLA's CPU compile (LLVM at -O2) is most of their time.
+# Backend optimisation level 0 compiles them ~17% faster end to end (same numerics
+# within every test's own comparisons: both sides of a comparison run with it, and the
+# subprocesses that set their own XLA_FLAGS run both of theirs without it).
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_backend_optimization_level" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_backend_optimization_level=0").strip()
 # A persistent compilation cache shared by the xdist workers and the subprocesses the
 # tests start (the same tiny programs compile in many tests); keys are content hashes.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",

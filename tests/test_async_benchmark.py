@@ -37,6 +37,7 @@ def _clean_gin():
     gin.clear_config()
 
 
+@pytest.mark.slow      # ~27 s of CI for a benchmark's plumbing; run with -m slow
 def test_configs_run_through_rlx_train_and_differ(tmp_path):
     out = str(tmp_path / "runs")
     results = async_compare.run_all(["k2", "k2_exact"], [0], out, TINY)

@@ -113,25 +113,11 @@ def _steps(d: Path) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
-def _arrays(step_dir: Path) -> dict:
-    import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
-    from etils import epath
-
-    path = epath.Path(step_dir) / "state"
-    handler = ocp.PyTreeCheckpointHandler()
-    meta = handler.metadata(path).tree
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-    tree = handler.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
-    return {jax.tree_util.keystr(p): np.asarray(x)
-            for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def _same_arrays(a_dir: Path, b_dir: Path) -> bool:
     import numpy as np
     try:
-        a, b = _arrays(a_dir), _arrays(b_dir)
+        from rlx.train.checkpoint import saved_arrays
+        a, b = saved_arrays(a_dir), saved_arrays(b_dir)
     except Exception:   # noqa: BLE001 - a missing or unreadable step is a difference
         return False
     return sorted(a) == sorted(b) and all(

@@ -702,6 +702,19 @@ class Checkpointer:
         return os.path.basename(target)
 
 
+def saved_arrays(step_dir: str) -> dict[str, np.ndarray]:
+    """Every array of one saved step (``<directory>/<step>``), read back as NumPy
+    without a target structure, keyed by ``jax.tree_util.keystr`` of its path: for
+    comparing two runs' saves leaf by leaf."""
+    path = epath.Path(step_dir) / "state"
+    handler = ocp.PyTreeCheckpointHandler()
+    meta = handler.metadata(path).tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+    tree = handler.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+    return {jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def _free_name(target: str) -> str:
     name, n = target, 0
     while os.path.exists(name):

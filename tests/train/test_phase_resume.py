@@ -20,11 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from etils import epath
+
+from rlx.train import checkpoint as ck
 
 SCRIPT = Path(__file__).parent / "scripts" / "phase_run.py"
 TIMEOUT_S = 900            # per wait; the machine is shared and heavily loaded
@@ -100,19 +99,8 @@ def _steps(directory: Path) -> list[int]:
         if directory.exists() else []
 
 
-def _arrays(step_dir: Path) -> dict[str, np.ndarray]:
-    """Every array of a saved step, read back as NumPy (no target structure needed)."""
-    path = epath.Path(step_dir) / "state"
-    handler = ocp.PyTreeCheckpointHandler()
-    meta = handler.metadata(path).tree
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-    tree = handler.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
-    return {jax.tree_util.keystr(p): np.asarray(x)
-            for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def _same_arrays(ref: Path, got: Path) -> int:
-    a, b = _arrays(ref), _arrays(got)
+    a, b = ck.saved_arrays(ref), ck.saved_arrays(got)
     assert sorted(a) == sorted(b), (ref, got)
     for name in a:
         assert a[name].dtype == b[name].dtype, name
@@ -214,7 +202,7 @@ def test_rlhf_with_a_critic_killed_in_every_phase_resumes_bitwise(tmp_path):
                       ("checkpoints", 4)):
         compared += _same_arrays(ref_dir / sub / str(step), run_dir / sub / str(step))
     assert compared > 20
-    assert any("critic" in k for k in _arrays(run_dir / "checkpoints" / "4"))
+    assert any("critic" in k for k in ck.saved_arrays(run_dir / "checkpoints" / "4"))
     n = _same_metrics(ref_dir, run_dir, ("sft_loss", "rm_loss", "loss", "value_loss",
                                          "reward_mean", "grad_norm", "eval/accuracy"))
     assert n >= 10
